@@ -1,0 +1,49 @@
+"""The ``batchnorm`` command: ``batchnorm demo`` and ``batchnorm bench``.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)``
+and ``run(args) -> int``; this file only dispatches, and turns any failure into
+one readable line and a non-zero exit (``BATCHNORM_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "demo": ("batchnorm.experiments.demo", "train with and without batch norm and report what it changes"),
+    "bench": ("batchnorm.benchmark", "time our kernels against torch eager and torch.compile"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchnorm", description="Batch normalization for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("batchnorm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line, not a traceback, unless asked for
+        if os.environ.get("BATCHNORM_DEBUG"):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"batchnorm: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Compute backends and the registry that picks one per tensor.
+
+Every backend works on a canonical ``(N, C, L)`` view of the input (channel in
+the middle, all spatial positions flattened into ``L``; channels-last input is
+the same view with strides ``(L*C, 1, C)``) and offers four stages:
+
+* ``stats(x) -> (mean, var)``: per-channel mean and *biased* variance, in the
+  statistics dtype (float32 for half/bfloat16 input, else the input's dtype);
+* ``apply(x, scale, shift) -> y``: ``y = x * scale[c] + shift[c]`` in x's dtype;
+* ``backward_reduce(dy, x, mean) -> (sum_dy, sum_dy_xmu)``: per-channel
+  ``sum(dy)`` and ``sum(dy * (x - mean))``;
+* ``backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu) -> dx``.
+
+and two fused paths built from them unless a backend overrides them for speed:
+``forward_train(x, weight, bias, eps) -> (y, mean, var)`` and
+``backward_train(dy, x, mean, invstd, weight) -> (dx, sum_dy, sum_dy_xmu)``.
+Outputs keep x's strides when x is contiguous or channels-last. Kernels know
+nothing of autograd or running statistics; those live in ``functional``.
+
+Choosing: ``BATCHNORM_BACKEND=name`` or ``with batchnorm.backend("name"):``
+forces one (a backend that cannot take a tensor falls back to ``torch``);
+otherwise the first available backend in ``AUTOMATIC_ORDER`` that supports the
+tensor's device and dtype, and ``torch`` for everything else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from .base import Backend
+
+__all__ = ["Backend", "available", "backend", "get", "register", "select", "stats_dtype"]
+
+# name -> "module:attribute" of a zero-argument factory, imported on first use.
+_FACTORIES: dict[str, str] = {
+    "torch": "batchnorm.kernels.portable:TorchBackend",
+}
+AUTOMATIC_ORDER: list[str] = []  # fast backends, tried before "torch"
+_INSTANCES: dict[str, Backend | None] = {}
+_LOAD_ERRORS: dict[str, str] = {}
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("batchnorm_backend", default=None)
+
+
+def register(name: str, factory: str, automatic: bool = False) -> None:
+    """Make a backend known under ``name``; ``factory`` is ``"module:callable"``."""
+    _FACTORIES[name] = factory
+    _INSTANCES.pop(name, None)
+    if automatic and name not in AUTOMATIC_ORDER:
+        AUTOMATIC_ORDER.append(name)
+
+
+def _load(name: str) -> Backend | None:
+    if name not in _INSTANCES:
+        module_name, attr = _FACTORIES[name].split(":")
+        try:
+            _INSTANCES[name] = getattr(importlib.import_module(module_name), attr)()
+        except ImportError as error:  # an optional dependency is missing
+            _INSTANCES[name] = None
+            _LOAD_ERRORS[name] = str(error)
+    return _INSTANCES[name]
+
+
+def get(name: str) -> Backend:
+    """The backend called ``name``; raises if unknown or not installed."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown batchnorm backend {name!r}; expected one of {sorted(_FACTORIES)}")
+    found = _load(name)
+    if found is None:
+        raise RuntimeError(f"batchnorm backend {name!r} is not available: {_LOAD_ERRORS[name]}")
+    return found
+
+
+def available() -> list[str]:
+    """Names of the backends that can be loaded on this machine."""
+    return [name for name in _FACTORIES if _load(name) is not None]
+
+
+@contextlib.contextmanager
+def backend(name: str | None) -> Iterator[None]:
+    """Force the backend ``name`` inside the block (``None``: automatic choice)."""
+    if name is not None:
+        get(name)  # fail here, not at the first layer
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_name() -> str | None:
+    """The backend forced by the context manager, else by the environment."""
+    return _forced.get() or os.environ.get("BATCHNORM_BACKEND") or None
+
+
+def select(x: torch.Tensor) -> Backend:
+    """The backend that will run batch norm on ``x``."""
+    name = forced_name()
+    if name is not None:
+        chosen = get(name)
+        return chosen if chosen.supports(x) else get("torch")
+    for candidate in AUTOMATIC_ORDER:
+        found = _load(candidate)
+        if found is not None and found.supports(x):
+            return found
+    return get("torch")
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are kept in at least float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -1,0 +1,68 @@
+"""The interface every compute backend implements, with the fused paths
+composed from the four stages so a new backend only has to write those.
+See ``batchnorm.kernels`` for the contract of each stage."""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class Backend:
+    """Base class: subclasses implement the four stages, may override the fused ones."""
+
+    name = "abstract"
+
+    def supports(self, x: Tensor) -> bool:
+        """Whether this backend can run on ``x``'s device, dtype and layout."""
+        raise NotImplementedError
+
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def apply(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward_apply(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        sum_dy: Tensor,
+        sum_dy_xmu: Tensor,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def forward_train(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Statistics, then normalize + scale + shift as one multiply-add."""
+        mean, var = self.stats(x)
+        scale, shift = affine_from_stats(mean, torch.rsqrt(var + eps), weight, bias)
+        return self.apply(x, scale, shift), mean, var
+
+    def backward_train(
+        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Both reductions, then ``dx``; ``dweight = sum_dy_xmu * invstd``, ``dbias = sum_dy``."""
+        sum_dy, sum_dy_xmu = self.backward_reduce(dy, x, mean)
+        dx = self.backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu)
+        return dx, sum_dy, sum_dy_xmu
+
+
+def affine_from_stats(
+    mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(scale, shift)`` with ``y = x * scale + shift`` equal to
+    ``(x - mean) * invstd * weight + bias``; in the statistics' dtype."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(invstd.dtype)
+    return scale, shift

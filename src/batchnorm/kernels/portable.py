@@ -1,0 +1,63 @@
+"""The ``torch`` backend: composite torch operations on the ``(N, C, L)`` view.
+
+Runs on any device and floating dtype; it is the fallback for whatever the fast
+backends do not take, and the second oracle (besides ``reference``) in tests.
+Statistics use ``torch.var_mean`` (a Welford reduction) in at least float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Backend
+
+Tensor = torch.Tensor
+_REDUCE = (0, 2)  # N and L of the (N, C, L) view
+
+
+def _col(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1)  # C -> 1,C,1
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def supports(self, x: Tensor) -> bool:
+        return x.is_floating_point()
+
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        from . import stats_dtype
+
+        var, mean = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=_REDUCE, correction=0)  # C, C
+        return mean, var
+
+    def apply(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        if x.dtype == scale.dtype:
+            return torch.addcmul(_col(shift), x, _col(scale))  # N,C,L
+        return torch.addcmul(_col(shift), x.to(scale.dtype), _col(scale)).to(x.dtype)
+
+    def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+        dy_s = dy.to(mean.dtype)  # N,C,L in the statistics dtype
+        sum_dy = dy_s.sum(_REDUCE)  # C
+        sum_dy_xmu = (dy_s * (x.to(mean.dtype) - _col(mean))).sum(_REDUCE)  # C
+        return sum_dy, sum_dy_xmu
+
+    def backward_apply(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        sum_dy: Tensor,
+        sum_dy_xmu: Tensor,
+    ) -> Tensor:
+        # dx = k * (dy - sum_dy/n - (x - mean) * invstd^2 * sum_dy_xmu/n), k = weight * invstd,
+        # written as one per-channel linear combination dx = dy * k + x * a + b.
+        n = x.shape[0] * x.shape[2]
+        k = invstd if weight is None else invstd * weight.to(invstd.dtype)  # C
+        a = -k * invstd * invstd * sum_dy_xmu / n  # C
+        b = -k * sum_dy / n - a * mean  # C
+        sdtype = mean.dtype
+        dx = torch.addcmul(_col(b), dy.to(sdtype), _col(k)).addcmul_(x.to(sdtype), _col(a))  # N,C,L
+        return dx.to(dy.dtype)
