@@ -40,8 +40,10 @@ __all__ = ["Backend", "available", "backend", "get", "register", "select", "stat
 # name -> "module:attribute" of a zero-argument factory, imported on first use.
 _FACTORIES: dict[str, str] = {
     "torch": "batchnorm.kernels.portable:TorchBackend",
+    "numba": "batchnorm.kernels.cpu:NumbaBackend",
+    "triton": "batchnorm.kernels.triton:TritonBackend",
 }
-AUTOMATIC_ORDER: list[str] = []  # fast backends, tried before "torch"
+AUTOMATIC_ORDER: list[str] = ["triton", "numba"]  # fast backends, tried before "torch"
 _INSTANCES: dict[str, Backend | None] = {}
 _LOAD_ERRORS: dict[str, str] = {}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("batchnorm_backend", default=None)
