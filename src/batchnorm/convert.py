@@ -1,0 +1,68 @@
+"""Swapping the batch-norm layers of an existing model between torch.nn's and ours.
+
+The new layer takes over the very same parameter and buffer tensors (so an
+optimizer built before the swap keeps working), the train/eval state and the
+hooks; nothing is copied or re-initialized.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import modules
+
+__all__ = ["convert"]
+
+_TORCH_TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: modules.BatchNorm1d,
+    nn.BatchNorm2d: modules.BatchNorm2d,
+    nn.BatchNorm3d: modules.BatchNorm3d,
+}
+_OURS_TO_TORCH = {ours: theirs for theirs, ours in _TORCH_TO_OURS.items()}
+_TARGETS = {"batchnorm": _TORCH_TO_OURS, "torch": _OURS_TO_TORCH}
+
+
+def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
+    """Replace every batch-norm layer of ``model`` in place and return the model.
+
+    Args:
+        model: any module; if it is itself a batch-norm layer, the replacement
+            is returned.
+        to: ``"batchnorm"`` swaps ``torch.nn.BatchNorm1d/2d/3d`` for ours;
+            ``"torch"`` swaps ours back.
+    """
+    if to not in _TARGETS:
+        raise ValueError(f"convert(to=...) expects one of {sorted(_TARGETS)}, got {to!r}")
+    mapping = _TARGETS[to]
+    if type(model) in mapping:
+        return _swap(model, mapping[type(model)])
+    for name, child in list(model.named_children()):
+        setattr(model, name, convert(child, to))
+    return model
+
+
+def _swap(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
+    new = new_cls(
+        old.num_features,
+        old.eps,
+        old.momentum,
+        old.affine,
+        old.running_mean is not None,
+        device="meta",
+        bias=old.bias is not None or not old.affine,
+    )
+    new.track_running_stats = old.track_running_stats  # may have been flipped after construction
+    new.train(old.training)
+    for name in ("weight", "bias"):
+        setattr(new, name, getattr(old, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(new, name, getattr(old, name))
+    if "num_nonfinite_batches" in new._buffers and new.num_nonfinite_batches is not None:
+        device = old.running_mean.device if old.running_mean is not None else torch.device("cpu")
+        new.num_nonfinite_batches = torch.zeros((), dtype=torch.long, device=device)
+    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):  # fmt: skip
+        if hasattr(old, hooks):
+            setattr(new, hooks, getattr(old, hooks))
+    return new

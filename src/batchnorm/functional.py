@@ -1,0 +1,317 @@
+"""``batch_norm`` for torch tensors: validation, backend dispatch, autograd and
+the running-statistics update.
+
+The heavy work runs in three ``torch.library`` custom ops, so ``torch.compile``
+and ``torch.export`` see one node each and never break the graph:
+
+* ``batchnorm::forward_train(x, weight, bias, eps) -> (y, mean, var)``
+* ``batchnorm::backward_train(dy, x, mean, invstd, weight) -> (dx, sum_dy, sum_dy_xmu)``
+* ``batchnorm::affine(x, scale, shift) -> y`` (eval: one multiply-add) and its
+  reduction ``batchnorm::affine_backward(dy, x) -> (sum_dy, sum_dy_x)``
+
+Running statistics are updated outside the ops with plain tensor operations on
+the ``C``-sized buffers, without reading anything back to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+from ._checks import check_input
+from .kernels import stats_dtype
+from .kernels.base import affine_from_stats
+
+Tensor = torch.Tensor
+
+__all__ = ["batch_norm", "inference_affine", "update_running_stats"]
+
+
+# ---------------------------------------------------------------------------
+# layout helpers: every backend sees an (N, C, L) view
+
+
+def _as_ncl(x: Tensor) -> Tensor:
+    """``(B, C)`` -> ``(B, C, 1)``; ``(B, C, *spatial)`` -> ``(B, C, L)`` (a view when possible)."""
+    if x.dim() == 2:
+        return x.unsqueeze(-1)
+    return x if x.dim() == 3 else x.flatten(2)
+
+
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """Channels-last input keeps channels-last output; anything else is contiguous."""
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _prepare(x: Tensor) -> Tensor:
+    """``x`` in the memory format the output will have, so kernels read it densely."""
+    return x.contiguous(memory_format=output_memory_format(x))
+
+
+def _restore(y3: Tensor, like: Tensor) -> Tensor:
+    return y3.reshape(like.shape).contiguous(memory_format=output_memory_format(like))
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+    return v.view([1, -1] + [1] * (like.dim() - 2))
+
+
+# ---------------------------------------------------------------------------
+# training forward / backward ops
+
+
+@torch.library.custom_op("batchnorm::forward_train", mutates_args=())
+def _forward_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    x = _prepare(x)
+    x3 = _as_ncl(x)
+    y3, mean, var = kernels.select(x3).forward_train(x3, weight, bias, eps)
+    return _restore(y3, x), mean, var
+
+
+@_forward_train.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty((x.shape[1],), dtype=stats_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=output_memory_format(x)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("batchnorm::backward_train", mutates_args=())
+def _backward_train(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    x = _prepare(x)
+    dy = dy.contiguous(memory_format=output_memory_format(x))
+    x3, dy3 = _as_ncl(x), _as_ncl(dy)
+    dx3, sum_dy, sum_dy_xmu = kernels.select(x3).backward_train(dy3, x3, mean, invstd, weight)
+    return _restore(dx3, x), sum_dy, sum_dy_xmu
+
+
+@_backward_train.register_fake
+def _(dy, x, mean, invstd, weight):
+    return torch.empty_like(x, memory_format=output_memory_format(x)), torch.empty_like(mean), torch.empty_like(mean)
+
+
+def _composite_train_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward in differentiable torch ops, for double backward.
+
+    The statistics are recomputed from ``x`` so their own dependence on ``x``
+    is part of the graph (the saved ones are constants to autograd).
+    """
+    sdtype = stats_dtype(x.dtype)
+    xs, dys = x.to(sdtype), dy.to(sdtype)
+    dims = _reduce_dims(x)
+    n = x.numel() // x.shape[1]
+    mean = xs.mean(dims, keepdim=True)  # 1,C,1..
+    xmu = xs - mean  # like x
+    invstd = torch.rsqrt((xmu * xmu).mean(dims, keepdim=True) + eps)  # 1,C,1..
+    xhat = xmu * invstd  # like x
+    sum_dy = dys.sum(dims, keepdim=True)  # 1,C,1..
+    sum_dy_xhat = (dys * xhat).sum(dims, keepdim=True)  # 1,C,1..
+    k = invstd if weight is None else invstd * _per_channel(weight.to(sdtype), x)
+    dx = k * (dys - sum_dy / n - xhat * sum_dy_xhat / n)  # like x
+    return dx.to(x.dtype), sum_dy.flatten(), sum_dy_xhat.flatten()
+
+
+def _forward_train_setup(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(x, weight, mean, var)
+    ctx.eps = eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _forward_train_backward(ctx, dy, _dmean, _dvar):
+    x, weight, mean, var = ctx.saved_tensors
+    if torch.is_grad_enabled():  # the backward is itself differentiated
+        dx, sum_dy, sum_dy_xhat = _composite_train_backward(dy, x, weight, ctx.eps)
+        dweight = sum_dy_xhat
+    else:
+        invstd = torch.rsqrt(var + ctx.eps)
+        dx, sum_dy, sum_dy_xmu = _backward_train(dy, x, mean, invstd, weight)
+        dweight = sum_dy_xmu * invstd
+    dweight = None if weight is None else dweight.to(weight.dtype)
+    dbias = None if ctx.bias_dtype is None else sum_dy.to(ctx.bias_dtype)
+    return dx, dweight, dbias, None
+
+
+_forward_train.register_autograd(_forward_train_backward, setup_context=_forward_train_setup)
+
+
+# ---------------------------------------------------------------------------
+# eval: y = x * scale + shift
+
+
+@torch.library.custom_op("batchnorm::affine", mutates_args=())
+def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    x = _prepare(x)
+    x3 = _as_ncl(x)
+    return _restore(kernels.select(x3).apply(x3, scale, shift), x)
+
+
+@_affine.register_fake
+def _(x, scale, shift):
+    return torch.empty_like(x, memory_format=output_memory_format(x))
+
+
+@torch.library.custom_op("batchnorm::affine_backward", mutates_args=())
+def _affine_backward(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    x = _prepare(x)
+    dy = dy.contiguous(memory_format=output_memory_format(x))
+    x3, dy3 = _as_ncl(x), _as_ncl(dy)
+    zero = x3.new_zeros((x3.shape[1],), dtype=stats_dtype(x3.dtype))
+    return kernels.select(x3).backward_reduce(dy3, x3, zero)
+
+
+@_affine_backward.register_fake
+def _(dy, x):
+    stats = x.new_empty((x.shape[1],), dtype=stats_dtype(x.dtype))
+    return stats, torch.empty_like(stats)
+
+
+def _affine_setup(ctx, inputs, output):
+    x, scale, shift = inputs
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, scale)
+
+
+def _affine_grad(ctx, dy):
+    x, scale = ctx.saved_tensors
+    need_x, need_scale, need_shift = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # differentiable composite, for double backward
+        dims = _reduce_dims(dy)
+        dx = (dy * _per_channel(scale, dy)).to(dy.dtype) if need_x else None
+        dscale = (dy * x).sum(dims).to(scale.dtype) if need_scale else None
+        dshift = dy.sum(dims).to(scale.dtype) if need_shift else None
+        return dx, dscale, dshift
+    dx = _affine(dy, scale, torch.zeros_like(scale)) if need_x else None
+    dscale = dshift = None
+    if need_scale:
+        dshift, dscale = _affine_backward(dy, x)
+    elif need_shift:
+        dshift = dy.sum(_reduce_dims(dy), dtype=scale.dtype)
+    return dx, dscale, dshift
+
+
+_affine.register_autograd(_affine_grad, setup_context=_affine_setup)
+
+
+# ---------------------------------------------------------------------------
+# public functions
+
+
+def inference_affine(
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor]:
+    """The eval-mode layer as one per-channel multiply-add: ``y = x * scale + shift``.
+
+    ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``,
+    computed in at least float32 and differentiable in ``weight`` and ``bias``.
+    """
+    sdtype = stats_dtype(running_var.dtype)
+    invstd = torch.rsqrt(running_var.to(sdtype) + eps)
+    return affine_from_stats(running_mean.to(sdtype), invstd, weight, bias)
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None = None,
+    skip_nonfinite: bool = True,
+    nonfinite_count: Tensor | None = None,
+) -> None:
+    """Fold one batch's statistics into the running estimates, in place.
+
+    ``running = (1 - f) * running + f * batch`` with ``f = momentum`` (torch's
+    convention: the weight of the new batch) or, for ``momentum=None``,
+    ``f = 1 / num_batches_tracked`` (cumulative average). The running variance
+    takes the unbiased batch variance ``var * count / (count - 1)``.
+
+    With ``skip_nonfinite`` a batch whose mean or variance holds NaN/Inf leaves
+    the running statistics and ``num_batches_tracked`` untouched and adds one
+    to ``nonfinite_count``; this is decided on the device, with no host sync.
+    """
+    unbiased = var * (count / (count - 1)) if count > 1 else var
+    finite = None
+    if skip_nonfinite:
+        finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()  # 0-d bool, stays on device
+        if nonfinite_count is not None:
+            nonfinite_count.add_((~finite).to(nonfinite_count.dtype))
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1 if finite is None else finite.to(num_batches_tracked.dtype))
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / num_batches_tracked.clamp(min=1).to(mean.dtype)
+    else:
+        factor = momentum
+    for running, batch in ((running_mean, mean), (running_var, unbiased)):
+        if running is None:
+            continue
+        updated = running * (1 - factor) + batch.to(running.dtype) * factor
+        running.copy_(updated if finite is None else torch.where(finite, updated, running))
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Tensor | None = None,
+    skip_nonfinite: bool = True,
+    nonfinite_count: Tensor | None = None,
+) -> Tensor:
+    """Batch normalization with :func:`torch.nn.functional.batch_norm`'s signature.
+
+    Training (``training=True``) normalizes with the batch's mean and biased
+    variance over every dimension but ``C`` and, when running buffers are
+    given, updates them in place (see :func:`update_running_stats`). Eval uses
+    the running buffers, folded into one multiply-add per element.
+
+    Keyword-only extras beyond torch: ``num_batches_tracked`` (incremented per
+    batch; required for ``momentum=None``), ``skip_nonfinite`` (default True:
+    a NaN/Inf batch does not reach the running statistics) and
+    ``nonfinite_count`` (counts the batches skipped so).
+    """
+    check_input(input, running_mean, running_var, weight, bias, training, eps)
+    if not training:
+        scale, shift = inference_affine(running_mean, running_var, weight, bias, eps)
+        if input.numel() == 0:
+            return input.clone(memory_format=output_memory_format(input))
+        return _affine(input, scale, shift)
+    if input.numel() == 0:  # nothing to learn from; torch still counts the batch
+        if num_batches_tracked is not None and running_mean is not None:
+            num_batches_tracked.add_(1)
+        return input.clone(memory_format=output_memory_format(input))
+    y, mean, var = _forward_train(input, weight, bias, eps)
+    if running_mean is not None or running_var is not None:
+        update_running_stats(
+            running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum,
+            num_batches_tracked, skip_nonfinite, nonfinite_count,
+        )  # fmt: skip
+    return y

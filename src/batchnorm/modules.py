@@ -1,0 +1,123 @@
+"""Drop-in ``BatchNorm1d/2d/3d`` layers.
+
+Each is a subclass of the matching ``torch.nn`` class, so ``isinstance``
+checks, ``state_dict`` keys, buffers, ``repr``, ``reset_*`` and old-checkpoint
+loading behave exactly as torch's; only ``forward`` is ours (it calls
+:func:`batchnorm.functional.batch_norm`), plus protection of the running
+statistics against non-finite batches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+Tensor = torch.Tensor
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _BatchNorm:
+    r"""Batch normalization (Ioffe & Szegedy, 2015) over channel ``C`` of ``(N, C, *)``.
+
+    Training: each channel is normalized with the mini-batch mean and biased
+    variance taken over the batch and every spatial position, then scaled and
+    shifted by the learned ``weight`` (gamma) and ``bias`` (beta):
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    and the running estimates move toward the batch's statistics:
+    ``running = (1 - momentum) * running + momentum * batch`` (``momentum`` is
+    the weight of the new batch, as in torch; ``momentum=None`` keeps a
+    cumulative average), with the unbiased variance for ``running_var``.
+    Eval: the running estimates replace the batch's, and the whole layer is one
+    per-channel multiply-add, ``y = x * scale + shift``.
+
+    Args:
+        num_features: ``C``.
+        eps: added to the variance for stability.
+        momentum: weight of the new batch in the running estimates, or ``None``.
+        affine: learn ``weight`` and ``bias``.
+        track_running_stats: keep running estimates and use them in eval.
+        bias: with ``affine``, whether to learn the shift too.
+        skip_nonfinite: a training batch whose statistics hold NaN/Inf leaves the
+            running estimates (and ``num_batches_tracked``) unchanged, and is
+            counted in the ``num_nonfinite_batches`` buffer (not saved in the
+            ``state_dict``). ``False`` restores torch's behaviour.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        skip_nonfinite: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.skip_nonfinite = skip_nonfinite
+        counter = torch.zeros((), dtype=torch.long, device=device) if track_running_stats else None
+        self.register_buffer("num_nonfinite_batches", counter, persistent=False)
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if getattr(self, "num_nonfinite_batches", None) is not None:
+            self.num_nonfinite_batches.zero_()
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text if self.skip_nonfinite else text + ", skip_nonfinite=False"
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        update = self.training and self.track_running_stats
+        # buffers are passed when they are updated (train) or used (eval)
+        pass_buffers = not self.training or self.track_running_stats
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        return F.batch_norm(
+            input,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            num_batches_tracked=self.num_batches_tracked if update else None,
+            skip_nonfinite=self.skip_nonfinite,
+            nonfinite_count=self.num_nonfinite_batches if update else None,
+        )
+
+
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+    """Batch norm over ``(N, C)`` (per feature) or ``(N, C, L)`` (per channel, over N and L).
+
+    Shape:
+        - Input: ``(N, C)`` or ``(N, C, L)``
+        - Output: same shape as the input
+    """
+
+
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
+    """Batch norm per channel of ``(N, C, H, W)``, over N, H and W.
+
+    Shape:
+        - Input: ``(N, C, H, W)``, contiguous or channels-last
+        - Output: same shape and memory format as the input
+    """
+
+
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
+    """Batch norm per channel of ``(N, C, D, H, W)``, over N, D, H and W.
+
+    Shape:
+        - Input: ``(N, C, D, H, W)``, contiguous or channels-last-3d
+        - Output: same shape and memory format as the input
+    """

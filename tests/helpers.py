@@ -1,0 +1,27 @@
+"""Comparisons for tests that say where they fail: max and mean error, and where."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def assert_close(actual, expected, atol: float, rtol: float, what: str = "") -> None:
+    """``|actual - expected| <= atol + rtol * |expected|`` everywhere, else report
+    the max and mean error and the index of the worst element."""
+    a = np.asarray(actual.detach().cpu().double() if isinstance(actual, torch.Tensor) else actual, np.float64)
+    e = np.asarray(
+        expected.detach().cpu().double() if isinstance(expected, torch.Tensor) else expected, np.float64
+    )
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
+    if a.size == 0:
+        return
+    err = np.abs(a - e)
+    bad = ~(err <= atol + rtol * np.abs(e)) & ~(np.isnan(a) & np.isnan(e))
+    if bad.any():
+        worst = np.unravel_index(np.argmax(np.where(bad, np.nan_to_num(err, nan=np.inf), -1)), err.shape)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{a.size} elements off; max error {err.max():.3e} at {worst} "
+            f"(got {a[worst]:.6g}, expected {e[worst]:.6g}), mean error {err.mean():.3e}, "
+            f"atol={atol}, rtol={rtol}"
+        )

@@ -1,0 +1,69 @@
+"""Backend choice: automatic by device and dtype, forced by name or environment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm import kernels
+
+
+def test_torch_backend_is_always_available():
+    assert "torch" in kernels.available()
+    assert kernels.get("torch").name == "torch"
+
+
+def test_unknown_backend_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown batchnorm backend 'nope'.*torch"):
+        kernels.get("nope")
+    with pytest.raises(ValueError, match="unknown batchnorm backend"), batchnorm.backend("nope"):
+        pass
+
+
+def test_context_manager_forces_and_restores():
+    x = torch.randn(2, 3, 4)
+    automatic = kernels.select(x).name
+    with batchnorm.backend("torch"):
+        assert kernels.select(x).name == "torch"
+        with batchnorm.backend(None):
+            assert kernels.select(x).name == automatic
+    assert kernels.select(x).name == automatic
+
+
+def test_environment_variable_forces(monkeypatch):
+    monkeypatch.setenv("BATCHNORM_BACKEND", "torch")
+    assert kernels.select(torch.randn(2, 3, 4)).name == "torch"
+    monkeypatch.setenv("BATCHNORM_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown batchnorm backend"):
+        kernels.select(torch.randn(2, 3, 4))
+
+
+def test_forced_backend_falls_back_to_torch_for_what_it_cannot_take(monkeypatch):
+    class OnlyFloat64(kernels.Backend):
+        name = "only64"
+
+        def supports(self, x):
+            return x.dtype == torch.float64
+
+    monkeypatch.setitem(kernels._INSTANCES, "only64", OnlyFloat64())
+    monkeypatch.setitem(kernels._FACTORIES, "only64", "unused:unused")
+    with batchnorm.backend("only64"):
+        assert kernels.select(torch.randn(2, 3, 1, dtype=torch.float64)).name == "only64"
+        assert kernels.select(torch.randn(2, 3, 1, dtype=torch.float16)).name == "torch"
+
+
+def test_missing_optional_backend_is_reported_not_crashing(monkeypatch):
+    monkeypatch.setitem(kernels._FACTORIES, "ghost", "batchnorm.kernels.does_not_exist:Ghost")
+    monkeypatch.delitem(kernels._INSTANCES, "ghost", raising=False)
+    assert "ghost" not in kernels.available()
+    with pytest.raises(RuntimeError, match="'ghost' is not available"):
+        kernels.get("ghost")
+    kernels._INSTANCES.pop("ghost", None)
+
+
+def test_statistics_dtype_is_at_least_float32():
+    assert kernels.stats_dtype(torch.float16) == torch.float32
+    assert kernels.stats_dtype(torch.bfloat16) == torch.float32
+    assert kernels.stats_dtype(torch.float32) == torch.float32
+    assert kernels.stats_dtype(torch.float64) == torch.float64
