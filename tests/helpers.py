@@ -10,9 +10,7 @@ def assert_close(actual, expected, atol: float, rtol: float, what: str = "") -> 
     """``|actual - expected| <= atol + rtol * |expected|`` everywhere, else report
     the max and mean error and the index of the worst element."""
     a = np.asarray(actual.detach().cpu().double() if isinstance(actual, torch.Tensor) else actual, np.float64)
-    e = np.asarray(
-        expected.detach().cpu().double() if isinstance(expected, torch.Tensor) else expected, np.float64
-    )
+    e = np.asarray(expected.detach().cpu().double() if isinstance(expected, torch.Tensor) else expected, np.float64)
     assert a.shape == e.shape, f"{what}: shape {a.shape} != expected {e.shape}"
     if a.size == 0:
         return

@@ -16,7 +16,11 @@ common_modules = pytest.importorskip(
     "torch.testing._internal.common_modules", reason="torch's test inputs need the expecttest package"
 )
 
-OURS = {nn.BatchNorm1d: batchnorm.BatchNorm1d, nn.BatchNorm2d: batchnorm.BatchNorm2d, nn.BatchNorm3d: batchnorm.BatchNorm3d}
+OURS = {
+    nn.BatchNorm1d: batchnorm.BatchNorm1d,
+    nn.BatchNorm2d: batchnorm.BatchNorm2d,
+    nn.BatchNorm3d: batchnorm.BatchNorm3d,
+}
 INFOS = [info for info in common_modules.module_db if info.module_cls in OURS]
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -37,7 +41,9 @@ def test_module_db_has_the_batchnorm_entries():
 
 @pytest.mark.parametrize("info,dtype,training,index", list(_cases()))
 def test_torch_module_inputs(info, dtype, training, index):
-    module_input = info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=training)[index]
+    module_input = info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=training)[
+        index
+    ]
     args, kwargs = module_input.constructor_input.args, module_input.constructor_input.kwargs
     theirs = info.module_cls(*args, **kwargs, dtype=dtype)
     ours = OURS[info.module_cls](*args, **kwargs, dtype=dtype)
@@ -61,7 +67,7 @@ def test_torch_module_inputs(info, dtype, training, index):
             yt.backward(grad)
             yo.backward(grad)
             assert_close(xo.grad, xt.grad, atol, atol, f"step {step} input grad")
-            for (name, pt), po in zip(theirs.named_parameters(), ours.parameters()):
+            for (name, pt), po in zip(theirs.named_parameters(), ours.parameters(), strict=True):
                 assert_close(po.grad, pt.grad, atol * 10, atol * 10, f"step {step} {name} grad")
     state_t, state_o = theirs.state_dict(), ours.state_dict()
     assert list(state_o) == list(state_t)
@@ -74,7 +80,9 @@ def _error_cases():
     for info in INFOS:
         if info.module_error_inputs_func is None:
             continue
-        errors = info.module_error_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=False, training=True)
+        errors = info.module_error_inputs_func(
+            info, device="cpu", dtype=torch.float32, requires_grad=False, training=True
+        )
         for index, _ in enumerate(errors):
             yield pytest.param(info, index, id=f"{info.name}-error{index}")
 
@@ -82,7 +90,9 @@ def _error_cases():
 @pytest.mark.parametrize("info,index", list(_error_cases()))
 def test_torch_error_inputs(info, index):
     # as torch's own test_errors does: a freshly constructed module, in its default (training) mode
-    error = info.module_error_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=False, training=True)[index]
+    error = info.module_error_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=False, training=True)[
+        index
+    ]
     spec = error.module_error_input
     ours = OURS[info.module_cls](*spec.constructor_input.args, **spec.constructor_input.kwargs)
     with pytest.raises(error.error_type, match=error.error_regex):
@@ -131,13 +141,13 @@ def test_resnet_client_trains_like_torch(memory_format):
         x = torch.randn(6, 3, 12, 12).to(memory_format=memory_format)
         target = torch.randint(0, 5, (6,))
         losses = []
-        for model, optimizer in zip((reference_model, ours_model), optimizers):
+        for model, optimizer in zip((reference_model, ours_model), optimizers, strict=True):
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x), target)
             loss.backward()
             losses.append(loss.detach())
         assert_close(losses[1], losses[0], 1e-5, 1e-5, f"step {step} loss")
-        for (name, p_ref), p_ours in zip(reference_model.named_parameters(), ours_model.parameters()):
+        for (name, p_ref), p_ours in zip(reference_model.named_parameters(), ours_model.parameters(), strict=True):
             assert_close(p_ours.grad, p_ref.grad, 1e-4, 1e-3, f"step {step} {name} grad")
         for optimizer in optimizers:
             optimizer.step()

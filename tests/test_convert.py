@@ -78,4 +78,3 @@ def test_flipped_track_running_stats_survives_convert():
 def test_unknown_target_is_a_clear_error():
     with pytest.raises(ValueError, match="expects one of \\['batchnorm', 'torch'\\], got 'jax'"):
         batchnorm.convert(_model(), to="jax")
-

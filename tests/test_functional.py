@@ -112,7 +112,7 @@ def test_bad_input_leaves_running_statistics_untouched():
     before = (rm.clone(), rv.clone(), nbt.clone())
     with pytest.raises(ValueError):
         F.batch_norm(torch.randn(1, 3), rm, rv, training=True, num_batches_tracked=nbt)
-    for a, b in zip((rm, rv, nbt), before):
+    for a, b in zip((rm, rv, nbt), before, strict=True):
         assert torch.equal(a, b)
 
 

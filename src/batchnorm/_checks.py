@@ -51,9 +51,7 @@ def check_input(
         if eps <= 0 or math.isnan(eps):
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
         if math.prod(x.shape) == channels and channels > 0:  # one value per channel
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {x.size()}"
-            )
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     else:
         if eps < 0 or math.isnan(eps):
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
@@ -66,9 +64,7 @@ def _check_dtypes(x: Tensor, others: tuple[Tensor | None, ...]) -> None:
     if not dtypes:
         return
     param_dtype = next(iter(dtypes))
-    if len(dtypes) == 1 and (
-        param_dtype == x.dtype or (x.dtype in _LOW_PRECISION and param_dtype == torch.float32)
-    ):
+    if len(dtypes) == 1 and (param_dtype == x.dtype or (x.dtype in _LOW_PRECISION and param_dtype == torch.float32)):
         return
     raise DtypeError(
         f"mixed dtype: input is {x.dtype}, weight/bias/running statistics are "

@@ -21,6 +21,16 @@ _TORCH_TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
 }
 _OURS_TO_TORCH = {ours: theirs for theirs, ours in _TORCH_TO_OURS.items()}
 _TARGETS = {"batchnorm": _TORCH_TO_OURS, "torch": _OURS_TO_TORCH}
+# the hook registries of nn.Module that the new layer takes over (the handles stay valid)
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
 
 
 def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
@@ -61,8 +71,7 @@ def _swap(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
     if "num_nonfinite_batches" in new._buffers and new.num_nonfinite_batches is not None:
         device = old.running_mean.device if old.running_mean is not None else torch.device("cpu")
         new.num_nonfinite_batches = torch.zeros((), dtype=torch.long, device=device)
-    for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                  "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):  # fmt: skip
+    for hooks in _HOOK_DICTS:
         if hasattr(old, hooks):
             setattr(new, hooks, getattr(old, hooks))
     return new

@@ -19,6 +19,7 @@ import torch
 
 from . import kernels
 from ._checks import check_input
+from ._layout import as_ncl, output_memory_format, per_channel, prepare, reduce_dims, restore
 from .kernels import stats_dtype
 from .kernels.base import affine_from_stats
 
@@ -28,65 +29,15 @@ __all__ = ["batch_norm", "inference_affine", "update_running_stats"]
 
 
 # ---------------------------------------------------------------------------
-# layout helpers: every backend sees an (N, C, L) view
-
-
-def _as_ncl(x: Tensor) -> Tensor:
-    """``(B, C)`` -> ``(B, C, 1)``; ``(B, C, *spatial)`` -> ``(B, C, L)`` (a view when possible)."""
-    if x.dim() == 2:
-        return x.unsqueeze(-1)
-    return x if x.dim() == 3 else x.flatten(2)
-
-
-def output_memory_format(x: Tensor) -> torch.memory_format:
-    """Channels-last input keeps channels-last output; anything else is contiguous."""
-    if not x.is_contiguous():
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-            return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _prepare(x: Tensor) -> Tensor:
-    """``x`` in the memory format the output will have, so kernels read it densely."""
-    return x.contiguous(memory_format=output_memory_format(x))
-
-
-def _restore(y3: Tensor, like: Tensor) -> Tensor:
-    """``y3`` back in ``like``'s shape and memory format, as a tensor of its own.
-
-    A custom op's output must not be a view (autograd would forbid in-place ops
-    on it, such as ``relu_``), so a reshaped view is re-wrapped around the same
-    storage instead of being copied.
-    """
-    y = y3.reshape(like.shape).contiguous(memory_format=output_memory_format(like))
-    if y._base is None:
-        return y
-    owner = torch.empty(0, dtype=y.dtype, device=y.device)
-    return owner.set_(y.untyped_storage(), y.storage_offset(), y.shape, y.stride())
-
-
-def _reduce_dims(x: Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
-def _per_channel(v: Tensor, like: Tensor) -> Tensor:
-    return v.view([1, -1] + [1] * (like.dim() - 2))
-
-
-# ---------------------------------------------------------------------------
 # training forward / backward ops
 
 
 @torch.library.custom_op("batchnorm::forward_train", mutates_args=())
-def _forward_train(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    x = _prepare(x)
-    x3 = _as_ncl(x)
+def _forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    x = prepare(x)
+    x3 = as_ncl(x)
     y3, mean, var = kernels.select(x3).forward_train(x3, weight, bias, eps)
-    return _restore(y3, x), mean, var
+    return restore(y3, x), mean, var
 
 
 @_forward_train.register_fake
@@ -99,11 +50,11 @@ def _(x, weight, bias, eps):
 def _backward_train(
     dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    x = _prepare(x)
+    x = prepare(x)
     dy = dy.contiguous(memory_format=output_memory_format(x))
-    x3, dy3 = _as_ncl(x), _as_ncl(dy)
+    x3, dy3 = as_ncl(x), as_ncl(dy)
     dx3, sum_dy, sum_dy_xmu = kernels.select(x3).backward_train(dy3, x3, mean, invstd, weight)
-    return _restore(dx3, x), sum_dy, sum_dy_xmu
+    return restore(dx3, x), sum_dy, sum_dy_xmu
 
 
 @_backward_train.register_fake
@@ -121,7 +72,7 @@ def _composite_train_backward(
     """
     sdtype = stats_dtype(x.dtype)
     xs, dys = x.to(sdtype), dy.to(sdtype)
-    dims = _reduce_dims(x)
+    dims = reduce_dims(x)
     n = x.numel() // x.shape[1]
     mean = xs.mean(dims, keepdim=True)  # 1,C,1..
     xmu = xs - mean  # like x
@@ -129,7 +80,7 @@ def _composite_train_backward(
     xhat = xmu * invstd  # like x
     sum_dy = dys.sum(dims, keepdim=True)  # 1,C,1..
     sum_dy_xhat = (dys * xhat).sum(dims, keepdim=True)  # 1,C,1..
-    k = invstd if weight is None else invstd * _per_channel(weight.to(sdtype), x)
+    k = invstd if weight is None else invstd * per_channel(weight.to(sdtype), x)
     dx = k * (dys - sum_dy / n - xhat * sum_dy_xhat / n)  # like x
     return dx.to(x.dtype), sum_dy.flatten(), sum_dy_xhat.flatten()
 
@@ -166,9 +117,9 @@ _forward_train.register_autograd(_forward_train_backward, setup_context=_forward
 
 @torch.library.custom_op("batchnorm::affine", mutates_args=())
 def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    x = _prepare(x)
-    x3 = _as_ncl(x)
-    return _restore(kernels.select(x3).apply(x3, scale, shift), x)
+    x = prepare(x)
+    x3 = as_ncl(x)
+    return restore(kernels.select(x3).apply(x3, scale, shift), x)
 
 
 @_affine.register_fake
@@ -178,9 +129,9 @@ def _(x, scale, shift):
 
 @torch.library.custom_op("batchnorm::affine_backward", mutates_args=())
 def _affine_backward(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    x = _prepare(x)
+    x = prepare(x)
     dy = dy.contiguous(memory_format=output_memory_format(x))
-    x3, dy3 = _as_ncl(x), _as_ncl(dy)
+    x3, dy3 = as_ncl(x), as_ncl(dy)
     zero = x3.new_zeros((x3.shape[1],), dtype=stats_dtype(x3.dtype))
     return kernels.select(x3).backward_reduce(dy3, x3, zero)
 
@@ -192,7 +143,7 @@ def _(dy, x):
 
 
 def _affine_setup(ctx, inputs, output):
-    x, scale, shift = inputs
+    x, scale, _ = inputs
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, scale)
 
 
@@ -200,8 +151,8 @@ def _affine_grad(ctx, dy):
     x, scale = ctx.saved_tensors
     need_x, need_scale, need_shift = ctx.needs_input_grad
     if torch.is_grad_enabled():  # differentiable composite, for double backward
-        dims = _reduce_dims(dy)
-        dx = (dy * _per_channel(scale, dy)).to(dy.dtype) if need_x else None
+        dims = reduce_dims(dy)
+        dx = (dy * per_channel(scale, dy)).to(dy.dtype) if need_x else None
         dscale = (dy * x).sum(dims).to(scale.dtype) if need_scale else None
         dshift = dy.sum(dims).to(scale.dtype) if need_shift else None
         return dx, dscale, dshift
@@ -210,7 +161,7 @@ def _affine_grad(ctx, dy):
     if need_scale:
         dshift, dscale = _affine_backward(dy, x)
     elif need_shift:
-        dshift = dy.sum(_reduce_dims(dy), dtype=scale.dtype)
+        dshift = dy.sum(reduce_dims(dy), dtype=scale.dtype)
     return dx, dscale, dshift
 
 

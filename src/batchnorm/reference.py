@@ -164,8 +164,10 @@ def _check_against_finite_differences(seed: int = 0) -> float:
             plus, minus = base.copy(), base.copy()
             plus[i] += h
             minus[i] -= h
-            numeric[i] = (loss(*[plus if j == arg else a for j, a in enumerate(args)])
-                          - loss(*[minus if j == arg else a for j, a in enumerate(args)])) / (2 * h)
+            numeric[i] = (
+                loss(*[plus if j == arg else a for j, a in enumerate(args)])
+                - loss(*[minus if j == arg else a for j, a in enumerate(args)])
+            ) / (2 * h)
         worst = max(worst, float(np.abs(numeric - analytic).max() / (np.abs(analytic).max() + 1e-12)))
     return worst
 

@@ -15,7 +15,7 @@ def test_torch_backend_is_always_available():
 
 
 def test_unknown_backend_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown batchnorm backend 'nope'.*torch"):
+    with pytest.raises(ValueError, match=r"unknown batchnorm backend 'nope'.*torch"):
         kernels.get("nope")
     with pytest.raises(ValueError, match="unknown batchnorm backend"), batchnorm.backend("nope"):
         pass
