@@ -1,0 +1,353 @@
+"""The raw Numba loops behind the ``numba`` backend (launched from ``cpu.py``).
+
+Two layouts, both C-contiguous NumPy views of the caller's tensor:
+
+* ``ncl``: ``x[N, C, L]``, a channel's values are ``N`` runs of ``L``;
+* ``nlc``: ``x[R, C]`` with ``R = N * L`` rows (channels-last, and ``(B, N)``
+  input), a channel is a column.
+
+Statistics accumulate ``d = x - shift`` (``shift`` = the channel's first value)
+and ``d * d`` in float64, one pass, so data far from zero (mean 1e4, std 1) keep
+their variance; partial sums over parts of the batch simply add. Every kernel
+takes a ``splits`` count chosen by the launcher: the work items (channels x
+batch parts, or row blocks) are fixed by it, so results depend on the thread
+count only through ``splits`` and are the same run to run.
+
+Each kernel exists twice, built from the same Python function: ``PARALLEL``
+(``prange`` over the items, Numba's threading layer) and ``SERIAL`` (no thread
+launch: small tensors, forked children, concurrent callers).
+"""
+
+from __future__ import annotations
+
+import types
+
+import numba
+import numpy as np
+from numba import prange
+
+# Reassociation lets LLVM vectorize the float64 reductions; no "nnan"/"ninf":
+# NaN and Inf in the input must reach the output as they would in torch.
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+_helper = numba.njit(cache=True, fastmath=_FASTMATH, inline="always")
+_COLUMN_BLOCK = 512  # nlc: channels per block, so the float64 partial sums stay in L1
+
+
+# --- per-channel helpers on the ncl layout; [j0, j1) is a range of the channel's N*L positions ---
+
+
+@_helper
+def _ncl_sums(x, c, j0, j1, shift):
+    """``sum(d)``, ``sum(d*d)`` with ``d = x[:, c, :] - shift`` over positions j0..j1."""
+    L = x.shape[2]
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(j0 // L, (j1 + L - 1) // L):
+        seg = x[n, c, max(j0 - n * L, 0) : min(j1 - n * L, L)]  # <= L
+        for i in range(seg.shape[0]):  # a range from 0, so no negative-index checks: vectorizes
+            d = np.float64(seg[i]) - shift
+            s1 += d
+            s2 += d * d
+    return s1, s2
+
+
+@_helper
+def _ncl_normalize(x, y, c, j0, j1, m, a, b):
+    """``y = (x - m) * a + b`` on channel c, positions j0..j1 (scalars in x's dtype)."""
+    L = x.shape[2]
+    for n in range(j0 // L, (j1 + L - 1) // L):
+        lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
+        xs = x[n, c, lo:hi]  # <= L
+        ys = y[n, c, lo:hi]  # <= L
+        for i in range(xs.shape[0]):
+            ys[i] = (xs[i] - m) * a + b
+
+
+@_helper
+def _ncl_grad_sums(dy, x, c, j0, j1, mean):
+    """``sum(dy)``, ``sum(dy * (x - mean))`` on channel c, positions j0..j1, in float64."""
+    L = x.shape[2]
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(j0 // L, (j1 + L - 1) // L):
+        lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
+        gs = dy[n, c, lo:hi]  # <= L
+        xs = x[n, c, lo:hi]  # <= L
+        for i in range(xs.shape[0]):
+            g = np.float64(gs[i])
+            s1 += g
+            s2 += g * (np.float64(xs[i]) - mean)
+    return s1, s2
+
+
+@_helper
+def _ncl_grad_input(dy, x, dx, c, j0, j1, k, m, a, b):
+    """``dx = dy * k + (x - m) * a + b`` on channel c, positions j0..j1."""
+    L = x.shape[2]
+    for n in range(j0 // L, (j1 + L - 1) // L):
+        lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
+        gs = dy[n, c, lo:hi]  # <= L
+        xs = x[n, c, lo:hi]  # <= L
+        out = dx[n, c, lo:hi]  # <= L
+        for i in range(xs.shape[0]):
+            out[i] = gs[i] * k + (xs[i] - m) * a + b
+
+
+@_helper
+def _finish_stats(s1, s2, n, shift, eps, w, b, coef, mean_out, var_out, c):
+    """Mean and biased variance from shifted sums; ``coef[c] = (mean, w*invstd, b)`` in x's dtype."""
+    dm = s1 / n
+    var = max(s2 / n - dm * dm, 0.0)
+    mean = shift + dm
+    mean_out[c] = mean
+    var_out[c] = var
+    coef[c, 0] = mean
+    coef[c, 1] = w[c] / np.sqrt(var + eps)
+    coef[c, 2] = b[c]
+
+
+@_helper
+def _finish_grad(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c):
+    """``dx = dy * k + (x - mean) * a + b`` with ``k = w * invstd``: the coefficients, in x's dtype.
+
+    ``a = -k * invstd^2 * sum_dy_xmu / n`` (through the variance), ``b = -k * sum_dy / n`` (the mean).
+    """
+    sum_dy[c] = s1
+    sum_dy_xmu[c] = s2
+    istd = np.float64(invstd[c])
+    k = np.float64(w[c]) * istd
+    coef[c, 0] = k
+    coef[c, 1] = mean[c]
+    coef[c, 2] = -k * istd * istd * s2 / n
+    coef[c, 3] = -k * s1 / n
+
+
+# --- kernels: ncl layout ---
+
+
+def ncl_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out):
+    """Training forward on x[N, C, L]: statistics, and ``y`` if ``write_y``.
+
+    ``splits == 1``: one item per channel, normalized right after its statistics
+    while its slice is still in cache. ``splits > 1`` (few channels): each
+    channel's positions are cut into ``splits`` parts, summed in parallel, merged.
+    """
+    N, C, L = x.shape
+    n = N * L
+    coef = np.empty((C, 3), dtype=x.dtype)  # C: mean, scale, shift in x's dtype
+    if splits == 1:
+        for c in prange(C):
+            shift = np.float64(x[0, c, 0])
+            s1, s2 = _ncl_sums(x, c, 0, n, shift)
+            _finish_stats(s1, s2, n, shift, eps, w, b, coef, mean_out, var_out, c)
+            if write_y:
+                _ncl_normalize(x, y, c, 0, n, coef[c, 0], coef[c, 1], coef[c, 2])
+    else:
+        part = np.empty((C * splits, 2))  # C*splits: shifted sums
+        for item in prange(C * splits):
+            c = item // splits
+            s = item % splits
+            shift = np.float64(x[0, c, 0])
+            part[item, 0], part[item, 1] = _ncl_sums(x, c, s * n // splits, (s + 1) * n // splits, shift)
+        for c in range(C):
+            s1 = 0.0
+            s2 = 0.0
+            for s in range(splits):
+                s1 += part[c * splits + s, 0]
+                s2 += part[c * splits + s, 1]
+            _finish_stats(s1, s2, n, np.float64(x[0, c, 0]), eps, w, b, coef, mean_out, var_out, c)
+        if write_y:
+            for item in prange(C * splits):
+                c = item // splits
+                s = item % splits
+                j0 = s * n // splits
+                j1 = (s + 1) * n // splits
+                _ncl_normalize(x, y, c, j0, j1, coef[c, 0], coef[c, 1], coef[c, 2])
+
+
+def ncl_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu):
+    """Backward on x[N, C, L]: ``mode`` 0 sums only, 1 sums then ``dx`` (channel in cache),
+    2 ``dx`` from the given ``sum_dy``/``sum_dy_xmu``."""
+    N, C, L = x.shape
+    n = N * L
+    coef = np.empty((C, 4), dtype=x.dtype)  # C: k, mean, a, b
+    if mode == 2:
+        for c in range(C):
+            _finish_grad(sum_dy[c], sum_dy_xmu[c], n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
+    elif splits == 1:
+        for c in prange(C):
+            s1, s2 = _ncl_grad_sums(dy, x, c, 0, n, np.float64(mean[c]))
+            _finish_grad(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
+            if mode == 1:
+                _ncl_grad_input(dy, x, dx, c, 0, n, coef[c, 0], coef[c, 1], coef[c, 2], coef[c, 3])
+        return
+    else:
+        part = np.empty((C * splits, 2))  # C*splits: partial sums
+        for item in prange(C * splits):
+            c = item // splits
+            s = item % splits
+            j0 = s * n // splits
+            j1 = (s + 1) * n // splits
+            part[item, 0], part[item, 1] = _ncl_grad_sums(dy, x, c, j0, j1, np.float64(mean[c]))
+        for c in range(C):
+            s1 = 0.0
+            s2 = 0.0
+            for s in range(splits):
+                s1 += part[c * splits + s, 0]
+                s2 += part[c * splits + s, 1]
+            _finish_grad(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
+    if mode != 0:
+        for item in prange(C * splits):
+            c = item // splits
+            s = item % splits
+            j0 = s * n // splits
+            j1 = (s + 1) * n // splits
+            _ncl_grad_input(dy, x, dx, c, j0, j1, coef[c, 0], coef[c, 1], coef[c, 2], coef[c, 3])
+
+
+def ncl_apply(x, scale, shift, y):
+    """Eval: ``y = x * scale[c] + shift[c]`` on x[N, C, L], one pass."""
+    N, C, L = x.shape
+    for row in prange(N * C):
+        c = row % C
+        xr = x[row // C, c]  # L
+        yr = y[row // C, c]  # L
+        a = scale[c]
+        b = shift[c]
+        for i in range(L):
+            yr[i] = xr[i] * a + b
+
+
+# --- kernels: nlc layout (rows of C) ---
+
+
+@_helper
+def _rows(s, splits, R):
+    return s * R // splits, (s + 1) * R // splits
+
+
+def nlc_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out):
+    """Training forward on x[R, C]: ``splits`` row blocks summed in parallel, merged,
+    then ``y`` written block by block (a block still in cache is read from there)."""
+    R, C = x.shape
+    shift = np.empty(C)  # C: each channel's first value
+    for c in range(C):
+        shift[c] = x[0, c]
+    part = np.zeros((splits, 2, C))  # splits,2,C: shifted sums per row block
+    for s in prange(splits):
+        r0, r1 = _rows(s, splits, R)
+        acc = part[s]  # 2,C
+        for c0 in range(0, C, _COLUMN_BLOCK):
+            c1 = min(c0 + _COLUMN_BLOCK, C)
+            for r in range(r0, r1):
+                row = x[r]  # C
+                for c in range(c0, c1):
+                    d = np.float64(row[c]) - shift[c]
+                    acc[0, c] += d
+                    acc[1, c] += d * d
+    coef = np.empty((3, C), dtype=x.dtype)  # mean, scale, shift in x's dtype
+    for c in range(C):
+        s1 = 0.0
+        s2 = 0.0
+        for s in range(splits):
+            s1 += part[s, 0, c]
+            s2 += part[s, 1, c]
+        dm = s1 / R
+        var = max(s2 / R - dm * dm, 0.0)
+        mean_out[c] = shift[c] + dm
+        var_out[c] = var
+        coef[0, c] = shift[c] + dm
+        coef[1, c] = w[c] / np.sqrt(var + eps)
+        coef[2, c] = b[c]
+    if write_y:
+        m = coef[0]
+        a = coef[1]
+        bb = coef[2]
+        for s in prange(splits):
+            r0, r1 = _rows(s, splits, R)
+            for r in range(r0, r1):
+                xr = x[r]  # C
+                yr = y[r]  # C
+                for c in range(C):
+                    yr[c] = (xr[c] - m[c]) * a[c] + bb[c]
+
+
+def nlc_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu):
+    """Backward on x[R, C]; ``mode`` as in :func:`ncl_backward`."""
+    R, C = x.shape
+    if mode != 2:
+        mean64 = np.empty(C)  # C
+        for c in range(C):
+            mean64[c] = mean[c]
+        part = np.zeros((splits, 2, C))  # splits,2,C: partial sums per row block
+        for s in prange(splits):
+            r0, r1 = _rows(s, splits, R)
+            acc = part[s]  # 2,C
+            for c0 in range(0, C, _COLUMN_BLOCK):
+                c1 = min(c0 + _COLUMN_BLOCK, C)
+                for r in range(r0, r1):
+                    gr = dy[r]  # C
+                    xr = x[r]  # C
+                    for c in range(c0, c1):
+                        g = np.float64(gr[c])
+                        acc[0, c] += g
+                        acc[1, c] += g * (np.float64(xr[c]) - mean64[c])
+        for c in range(C):
+            s1 = 0.0
+            s2 = 0.0
+            for s in range(splits):
+                s1 += part[s, 0, c]
+                s2 += part[s, 1, c]
+            sum_dy[c] = s1
+            sum_dy_xmu[c] = s2
+    if mode == 0:
+        return
+    coef = np.empty((4, C), dtype=x.dtype)  # k, mean, a, b
+    for c in range(C):
+        istd = np.float64(invstd[c])
+        k = np.float64(w[c]) * istd
+        coef[0, c] = k
+        coef[1, c] = mean[c]
+        coef[2, c] = -k * istd * istd * np.float64(sum_dy_xmu[c]) / R
+        coef[3, c] = -k * np.float64(sum_dy[c]) / R
+    k = coef[0]
+    m = coef[1]
+    a = coef[2]
+    b = coef[3]
+    for s in prange(splits):
+        r0, r1 = _rows(s, splits, R)
+        for r in range(r0, r1):
+            gr = dy[r]  # C
+            xr = x[r]  # C
+            out = dx[r]  # C
+            for c in range(C):
+                out[c] = gr[c] * k[c] + (xr[c] - m[c]) * a[c] + b[c]
+
+
+def nlc_apply(x, scale, shift, y, splits):
+    """Eval: ``y = x * scale + shift`` on x[R, C], ``splits`` row blocks."""
+    R, C = x.shape
+    for s in prange(splits):
+        r0, r1 = _rows(s, splits, R)
+        for r in range(r0, r1):
+            xr = x[r]  # C
+            yr = y[r]  # C
+            for c in range(C):
+                yr[c] = xr[c] * scale[c] + shift[c]
+
+
+_KERNELS = (ncl_forward, ncl_backward, ncl_apply, nlc_forward, nlc_backward, nlc_apply)
+
+
+def _compile(fn, parallel: bool):
+    """A Numba dispatcher for ``fn``. The serial copy gets its own qualified name,
+    hence its own on-disk cache entry (Numba keys its cache by name and bytecode,
+    not by the ``parallel`` flag)."""
+    if not parallel:
+        fn = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__)
+        fn.__qualname__ = fn.__name__
+    return numba.njit(parallel=parallel, cache=True, fastmath=_FASTMATH, nogil=True)(fn)
+
+
+PARALLEL = types.SimpleNamespace(**{fn.__name__: _compile(fn, True) for fn in _KERNELS})
+SERIAL = types.SimpleNamespace(**{fn.__name__: _compile(fn, False) for fn in _KERNELS})

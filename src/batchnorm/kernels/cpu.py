@@ -1,0 +1,265 @@
+"""The ``numba`` backend: fused CPU kernels for float32/float64 tensors.
+
+This file is the launcher: it maps the canonical ``(N, C, L)`` view onto one of
+two C-contiguous layouts (``ncl``, or ``nlc`` rows of ``C`` for channels-last
+and ``(B, N)`` input; anything else is copied to contiguous first), allocates
+outputs with x's strides, picks the thread count and the work split, and calls
+the loops in ``_cpu_loops``. Threads follow ``torch.get_num_threads()``.
+
+Numba compiles each kernel on first use and caches it on disk (next to the
+package, or in ``NUMBA_CACHE_DIR`` / the user cache when that is not writable);
+the first compilation in a process logs one line on the ``batchnorm`` logger.
+Small tensors, forked child processes (whose parent already started Numba's
+thread pool: GNU OpenMP cannot survive that) and callers racing another thread
+run the single-threaded copies of the kernels, which start no threads.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+import time
+
+import numba
+import numpy as np
+import torch
+
+from . import _cpu_loops as loops
+from .base import Backend
+
+Tensor = torch.Tensor
+_log = logging.getLogger("batchnorm")
+
+# Below this many elements a thread launch costs more than it saves.
+PARALLEL_MIN_NUMEL = 1 << 15
+# ncl: with at least this many channels per thread, one work item per channel
+# (statistics and normalization while the channel is in cache); else split the batch.
+CHANNELS_PER_THREAD = 4
+# nlc: row blocks per thread.
+BLOCKS_PER_THREAD = 4
+
+_launch = threading.Lock()  # one parallel launch at a time (the workqueue layer needs it)
+_state = {"forked": False, "launched": False, "announced": False}
+
+
+def _after_fork_in_child() -> None:
+    if _state["launched"]:
+        _state["forked"] = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _threads(numel: int) -> int:
+    """Threads for a tensor of ``numel`` elements; 1 means run the serial kernels."""
+    if numel < PARALLEL_MIN_NUMEL or _state["forked"]:
+        return 1
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _announce(kernel, parallel: bool) -> None:
+    """Log once per process when a kernel is about to be compiled (not found in the disk cache)."""
+    if _state["announced"] or kernel.signatures:
+        return
+    cache_dir = kernel.stats.cache_path
+    if glob.glob(os.path.join(cache_dir, f"*{kernel.py_func.__qualname__}-*.nbi")):
+        return  # will load from the disk cache
+    _state["announced"] = True
+    _log.warning("batchnorm: compiling the numba CPU kernels (once; about 10-60 s, then cached in %s)", cache_dir)
+
+
+def _call(name: str, numel: int, make_args):
+    """Run kernel ``name`` with the thread count for ``numel`` on ``make_args(threads)``."""
+    threads = _threads(numel)
+    if threads > 1 and _launch.acquire(blocking=False):
+        try:
+            kernel = getattr(loops.PARALLEL, name)
+            _announce(kernel, True)
+            numba.set_num_threads(threads)
+            # Items handed out one at a time: a thread slowed by another process
+            # leaves its share to the others (results do not depend on who runs an item).
+            numba.set_parallel_chunksize(1)
+            _state["launched"] = True
+            return kernel(*make_args(threads))
+        finally:
+            _launch.release()
+    kernel = getattr(loops.SERIAL, name)
+    _announce(kernel, False)
+    return kernel(*make_args(1))
+
+
+def _layout(x: Tensor) -> tuple[str, Tensor]:
+    """``("ncl" | "nlc", x)`` with x made dense in one of the two layouts if it was not."""
+    if x.is_contiguous():
+        return ("nlc" if x.shape[2] == 1 else "ncl"), x
+    if x.permute(0, 2, 1).is_contiguous():
+        return "nlc", x
+    return ("nlc" if x.shape[2] == 1 else "ncl"), x.contiguous()
+
+
+def _view(t: Tensor, layout: str) -> np.ndarray:
+    """The C-contiguous NumPy view of ``t`` (N,C,L) for ``layout`` (no copy)."""
+    t = t.detach()
+    if layout == "ncl":
+        return t.numpy()  # N,C,L
+    n, c, l = t.shape
+    return t.permute(0, 2, 1).reshape(n * l, c).numpy()  # N*L,C
+
+
+def _like(t: Tensor, layout: str) -> Tensor:
+    """``t`` copied, if needed, into ``layout`` (for a gradient that arrives in another layout)."""
+    if layout == "ncl":
+        return t.contiguous()
+    if t.permute(0, 2, 1).is_contiguous():
+        return t
+    return t.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+
+
+def _vec(v: Tensor | None, c: int, dtype: torch.dtype, fill: float) -> np.ndarray:
+    """A per-channel parameter as a contiguous NumPy vector of x's dtype."""
+    if v is None:
+        return np.full(c, fill, dtype=torch.empty((), dtype=dtype).numpy().dtype)
+    return v.detach().to(dtype).contiguous().numpy()
+
+
+def _ncl_splits(threads: int, n: int, c: int) -> int:
+    """Parts each channel's ``n`` positions are cut into (1 when there are channels enough)."""
+    if threads == 1 or c >= CHANNELS_PER_THREAD * threads:
+        return 1
+    return max(1, min(n, -(-CHANNELS_PER_THREAD * threads // c)))
+
+
+def _nlc_splits(threads: int, rows: int) -> int:
+    """Row blocks for the nlc kernels."""
+    return 1 if threads == 1 else max(1, min(rows, BLOCKS_PER_THREAD * threads))
+
+
+class NumbaBackend(Backend):
+    """Numba kernels for float32/float64 CPU tensors; see ``batchnorm.kernels`` for the contract."""
+
+    name = "numba"
+
+    def supports(self, x: Tensor) -> bool:
+        return x.device.type == "cpu" and x.layout == torch.strided and x.dtype in (torch.float32, torch.float64)
+
+    # -- forward --
+
+    def forward_train(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return self._forward(x, weight, bias, eps, write_y=True)
+
+    def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        _, mean, var = self._forward(x, None, None, 0.0, write_y=False)
+        return mean, var
+
+    def _forward(self, x, weight, bias, eps, write_y):
+        n, c, l = x.shape
+        mean = torch.empty(c, dtype=x.dtype)
+        var = torch.empty(c, dtype=x.dtype)
+        if n * l == 0:  # no values: NaN statistics, as torch.var_mean gives
+            mean.fill_(float("nan"))
+            var.fill_(float("nan"))
+            return (torch.empty_like(x) if write_y else None), mean, var
+        layout, x = _layout(x)
+        y = torch.empty_like(x) if write_y else x
+        xa, ya = _view(x, layout), _view(y, layout)
+        w, b = _vec(weight, c, x.dtype, 1.0), _vec(bias, c, x.dtype, 0.0)
+        ma, va = mean.numpy(), var.numpy()
+        if layout == "ncl":
+            _call("ncl_forward", x.numel(), lambda t: (xa, w, b, eps, _ncl_splits(t, n * l, c), write_y, ya, ma, va))
+        else:
+            _call("nlc_forward", x.numel(), lambda t: (xa, w, b, eps, _nlc_splits(t, n * l), write_y, ya, ma, va))
+        return (y if write_y else None), mean, var
+
+    def apply(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        c = x.shape[1]
+        layout, x = _layout(x)
+        y = torch.empty_like(x)
+        if x.numel() == 0:
+            return y
+        xa, ya = _view(x, layout), _view(y, layout)
+        sa, ba = _vec(scale, c, x.dtype, 1.0), _vec(shift, c, x.dtype, 0.0)
+        if layout == "ncl":
+            _call("ncl_apply", x.numel(), lambda t: (xa, sa, ba, ya))
+        else:
+            rows = xa.shape[0]
+            _call("nlc_apply", x.numel(), lambda t: (xa, sa, ba, ya, _nlc_splits(t, rows)))
+        return y
+
+    # -- backward --
+
+    def backward_train(
+        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return self._backward(dy, x, mean, invstd, weight, None, None, mode=1)
+
+    def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+        ones = torch.ones_like(mean)
+        _, sum_dy, sum_dy_xmu = self._backward(dy, x, mean, ones, None, None, None, mode=0)
+        return sum_dy, sum_dy_xmu
+
+    def backward_apply(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        sum_dy: Tensor,
+        sum_dy_xmu: Tensor,
+    ) -> Tensor:
+        dx, _, _ = self._backward(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, mode=2)
+        return dx
+
+    def _backward(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, mode):
+        n, c, l = x.shape
+        dtype = x.dtype
+        out_dy = torch.empty(c, dtype=dtype)
+        out_dyxmu = torch.empty(c, dtype=dtype)
+        if sum_dy is not None:
+            out_dy.copy_(sum_dy)
+            out_dyxmu.copy_(sum_dy_xmu)
+        if n * l == 0:
+            if sum_dy is None:
+                out_dy.zero_()
+                out_dyxmu.zero_()
+            return torch.empty_like(x), out_dy, out_dyxmu
+        layout, x = _layout(x)
+        dy = _like(dy.to(dtype), layout)
+        dx = torch.empty_like(x) if mode != 0 else x
+        xa, ga, dxa = _view(x, layout), _view(dy, layout), _view(dx, layout)
+        ma, sa = _vec(mean, c, dtype, 0.0), _vec(invstd, c, dtype, 1.0)
+        w = _vec(weight, c, dtype, 1.0)
+        s1, s2 = out_dy.numpy(), out_dyxmu.numpy()
+        if layout == "ncl":
+            _call(
+                "ncl_backward",
+                x.numel(),
+                lambda t: (ga, xa, ma, sa, w, _ncl_splits(t, n * l, c), mode, dxa, s1, s2),
+            )
+        else:
+            _call("nlc_backward", x.numel(), lambda t: (ga, xa, ma, sa, w, _nlc_splits(t, n * l), mode, dxa, s1, s2))
+        return (dx if mode != 0 else None), out_dy, out_dyxmu
+
+
+def warm_up(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)) -> float:
+    """Compile (or load from the disk cache) every kernel for ``dtypes``; returns seconds taken."""
+    start = time.perf_counter()
+    backend = NumbaBackend()
+    global PARALLEL_MIN_NUMEL
+    saved = PARALLEL_MIN_NUMEL
+    try:
+        for threshold in (saved, 0):  # the serial, then the parallel copies
+            PARALLEL_MIN_NUMEL = threshold
+            for dtype in dtypes:
+                for x in (torch.randn(2, 3, 4, dtype=dtype), torch.randn(2, 3, 4, dtype=dtype).mT.contiguous().mT):
+                    y, mean, var = backend.forward_train(x, None, None, 1e-5)
+                    backend.apply(x, mean, var)
+                    backend.backward_train(y, x, mean, var, None)
+                    backend.backward_apply(y, x, mean, var, None, mean, var)
+    finally:
+        PARALLEL_MIN_NUMEL = saved
+    return time.perf_counter() - start

@@ -1,0 +1,299 @@
+"""The ``numba`` backend against ``reference.py`` (float64 NumPy) and the ``torch`` backend.
+
+Every test runs twice, once on the single-threaded copies of the kernels and once
+on the parallel ones (forced for these small shapes by lowering the size
+threshold), over contiguous, channels-last and non-contiguous inputs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import kernels, reference
+from batchnorm.kernels import cpu
+
+BACKEND = cpu.NumbaBackend()
+TORCH = kernels.get("torch")
+EPS = 1e-5
+
+# dtype, rtol, atol: float32 against a float64 oracle is a few float32 ulps of the largest term.
+DTYPES = [
+    pytest.param((torch.float32, 1e-5, 1e-5), id="float32"),
+    pytest.param((torch.float64, 1e-12, 1e-12), id="float64"),
+]
+# (N, C, L): primes, 1-sized dimensions, N*L == 2, (B, N) as L == 1, a late ResNet layer.
+SHAPES = [(2, 3, 5), (1, 7, 2), (2, 5, 1), (13, 1, 11), (3, 17, 1), (5, 4, 9), (1, 2, 131), (4, 64, 49)]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def threads(request, monkeypatch):
+    """Which copy of the kernels runs: serial, or parallel on 2 threads."""
+    saved = torch.get_num_threads()
+    if request.param == "parallel":
+        if cpu.numba.config.NUMBA_NUM_THREADS < 2:
+            pytest.skip("numba has a single thread on this machine")
+        monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+        torch.set_num_threads(2)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the test's name: fresh data per case, reproducible."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+
+
+def make(shape, dtype, layout, gen, loc=0.0):
+    """An (N, C, L) tensor of normal values laid out as asked."""
+    n, c, l = shape
+    if layout == "contiguous":
+        x = torch.randn(n, c, l, generator=gen, dtype=torch.float64)
+    elif layout == "channels_last":
+        x = torch.randn(n, l, c, generator=gen, dtype=torch.float64).permute(0, 2, 1)
+    else:  # every other element of a wider tensor: neither layout
+        x = torch.randn(n, c, 2 * l, generator=gen, dtype=torch.float64)[:, :, ::2]
+    return (x + loc).to(dtype)
+
+
+def params(c, dtype, gen):
+    weight = torch.randn(c, generator=gen, dtype=torch.float64).to(dtype)
+    bias = torch.randn(c, generator=gen, dtype=torch.float64).to(dtype)
+    return weight, bias
+
+
+def check(name, actual, expected, rtol, atol, scale=1.0):
+    """Elementwise ``|a - e| <= atol * scale + rtol * |e|``; on failure say how far and where."""
+    actual = actual.detach().double().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)
+    expected = expected.detach().double().numpy() if isinstance(expected, torch.Tensor) else np.asarray(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    err = np.abs(actual - expected)
+    bad = err > atol * scale + rtol * np.abs(expected)
+    if bad.any():
+        where = np.unravel_index(int(np.argmax(np.where(bad, err, -1))), err.shape)
+        pytest.fail(
+            f"{name}: {int(bad.sum())}/{err.size} elements off; max error {err.max():.3e} at {where} "
+            f"({actual[where]!r} vs {expected[where]!r}), mean error {err.mean():.3e}"
+        )
+
+
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_train_matches_reference(dtype_tol, shape, layout, threads, gen):
+    dtype, rtol, atol = dtype_tol
+    x = make(shape, dtype, layout, gen)
+    weight, bias = params(shape[1], dtype, gen)
+    y, mean, var = BACKEND.forward_train(x, weight, bias, EPS)
+    y_ref, cache = reference.forward(x.double().numpy(), weight.double().numpy(), bias.double().numpy(), EPS)
+    assert mean.dtype == var.dtype == y.dtype == dtype
+    check("mean", mean, cache.mean, rtol, atol)
+    check("var", var, cache.var, rtol, atol)
+    check("y", y, y_ref, rtol, atol, scale=max(1.0, float(np.abs(y_ref).max())))
+    if layout != "strided":
+        assert y.stride() == x.stride()
+    else:
+        assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_stats_and_apply_match_torch_backend(dtype_tol, shape, layout, threads, gen):
+    dtype, rtol, atol = dtype_tol
+    x = make(shape, dtype, layout, gen)
+    mean, var = BACKEND.stats(x)
+    mean_t, var_t = TORCH.stats(x)
+    check("mean", mean, mean_t, rtol, atol)
+    check("var", var, var_t, rtol, atol)
+    scale, shift = params(shape[1], dtype, gen)
+    y = BACKEND.apply(x, scale, shift)
+    check("apply", y, TORCH.apply(x, scale, shift), rtol, atol, scale=4.0)
+    check(
+        "apply",
+        y,
+        reference.inference(x.double().numpy(), scale.double().numpy(), shift.double().numpy()),
+        rtol,
+        atol,
+        scale=4.0,
+    )
+    if layout != "strided":
+        assert y.stride() == x.stride()
+
+
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_train_matches_reference(dtype_tol, shape, layout, threads, gen):
+    dtype, rtol, atol = dtype_tol
+    x = make(shape, dtype, layout, gen)
+    dy = make(shape, dtype, "contiguous", gen)  # the gradient in another layout than x
+    weight, bias = params(shape[1], dtype, gen)
+    _, cache = reference.forward(x.double().numpy(), weight.double().numpy(), bias.double().numpy(), EPS)
+    dx_ref, dgamma, dbeta = reference.backward(dy.double().numpy(), cache)
+    mean = torch.from_numpy(cache.mean).to(dtype)
+    invstd = torch.from_numpy(cache.invstd).to(dtype)
+    dx, sum_dy, sum_dy_xmu = BACKEND.backward_train(dy, x, mean, invstd, weight)
+    n = shape[0] * shape[2]
+    big = float(dy.abs().max()) * max(1.0, float(np.abs(cache.xhat).max()))
+    terms = float(np.abs(cache.gamma * cache.invstd).max()) * big  # size of the terms that cancel in dx
+    check("sum_dy", sum_dy, dbeta, rtol, atol, scale=n * big)
+    check("dgamma", sum_dy_xmu * invstd, dgamma, rtol, atol, scale=n * big)
+    check("dx", dx, dx_ref, rtol, atol, scale=terms)
+    assert dx.dtype == sum_dy.dtype == sum_dy_xmu.dtype == dtype
+    if layout != "strided":
+        assert dx.stride() == x.stride()
+
+    # the two stages on their own agree with the torch backend's
+    s1, s2 = BACKEND.backward_reduce(dy, x, mean)
+    t1, t2 = TORCH.backward_reduce(dy, x, mean)
+    check("backward_reduce sum_dy", s1, t1, rtol, atol, scale=n * big)
+    check("backward_reduce sum_dy_xmu", s2, t2, rtol, atol, scale=n * big / float(invstd.min()))
+    dx2 = BACKEND.backward_apply(dy, x, mean, invstd, weight, t1, t2)
+    check("backward_apply", dx2, TORCH.backward_apply(dy, x, mean, invstd, weight, t1, t2), rtol, atol, scale=terms)
+
+
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+def test_no_weight_no_bias(dtype_tol, threads, gen):
+    dtype, rtol, atol = dtype_tol
+    x = make((3, 4, 7), dtype, "channels_last", gen)
+    y, mean, var = BACKEND.forward_train(x, None, None, EPS)
+    y_ref, cache = reference.forward(x.double().numpy(), np.ones(4), np.zeros(4), EPS)
+    check("y", y, y_ref, rtol, atol, scale=4.0)
+    dy = make((3, 4, 7), dtype, "channels_last", gen)
+    dx, _, _ = BACKEND.backward_train(dy, x, mean, torch.rsqrt(var + EPS), None)
+    check("dx", dx, reference.backward(dy.double().numpy(), cache)[0], rtol, atol, scale=100.0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_variance_of_data_far_from_zero(layout, threads, gen):
+    """Mean 1e4, std 1: the variance to 1e-4 relative of the float64 reference."""
+    x = make((8, 3, 401), torch.float32, layout, gen, loc=1e4)
+    _, var = BACKEND.stats(x)
+    _, expected, _ = reference.batch_stats(x.double().numpy())
+    np.testing.assert_allclose(var.double().numpy(), expected, rtol=1e-4)
+    _, _, var2 = BACKEND.forward_train(x, None, None, EPS)
+    np.testing.assert_allclose(var2.double().numpy(), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_same_threads_same_bits(layout, threads, gen):
+    x = make((16, 3, 333), torch.float32, layout, gen)
+    dy = make((16, 3, 333), torch.float32, layout, gen)
+    first = BACKEND.forward_train(x, None, None, EPS)
+    again = BACKEND.forward_train(x, None, None, EPS)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+    grads = [BACKEND.backward_train(dy, x, first[1], torch.rsqrt(first[2] + EPS), None) for _ in range(2)]
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_nan_stays_in_its_channel(threads):
+    x = torch.randn(4, 3, 50)
+    x[1, 0, 7] = float("nan")
+    y, mean, var = BACKEND.forward_train(x, None, None, EPS)
+    assert mean[0].isnan() and var[0].isnan() and y[:, 0].isnan().all()
+    assert mean[1:].isfinite().all() and y[:, 1:].isfinite().all()
+
+
+def test_empty_batch():
+    x = torch.empty(0, 3, 4)
+    y, mean, var = BACKEND.forward_train(x, None, None, EPS)
+    assert y.shape == x.shape and mean.isnan().all() and var.isnan().all()
+    assert BACKEND.apply(x, torch.ones(3), torch.zeros(3)).shape == x.shape
+
+
+def test_supports_float32_float64_on_cpu_only():
+    assert BACKEND.supports(torch.ones(2, 3, 1))
+    assert BACKEND.supports(torch.ones(2, 3, 1, dtype=torch.float64))
+    for dtype in (torch.float16, torch.bfloat16, torch.int64):
+        assert not BACKEND.supports(torch.ones(2, 3, 1, dtype=dtype))
+
+
+def test_chosen_automatically_for_cpu_float(monkeypatch):
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    assert kernels.select(torch.ones(2, 3, 4)).name == "numba"
+    assert kernels.select(torch.ones(2, 3, 4, dtype=torch.bfloat16)).name == "torch"
+
+
+def test_concurrent_callers_get_right_answers(monkeypatch):
+    """Threads racing for the parallel kernels: the loser runs the serial copy."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+    xs = [torch.randn(6, 5, 300) for _ in range(4)]
+    results = [None] * len(xs)
+
+    def work(i):
+        for _ in range(5):
+            results[i] = BACKEND.forward_train(xs[i], None, None, EPS)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    for x, (_, mean, var) in zip(xs, results, strict=True):
+        check("mean", mean, TORCH.stats(x)[0], 1e-5, 1e-5)
+        check("var", var, TORCH.stats(x)[1], 1e-5, 1e-5)
+
+
+def _forward_in_child(seed):
+    x = torch.randn(6, 5, 300, generator=torch.Generator().manual_seed(seed))
+    y, mean, var = BACKEND.forward_train(x, None, None, EPS)
+    return x.numpy(), y.numpy(), mean.numpy(), var.numpy()
+
+
+class _Normalized(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        x = torch.randn(6, 5, 300, generator=torch.Generator().manual_seed(i))
+        return x, BACKEND.forward_train(x, None, None, EPS)[0]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
+def test_forked_children_after_parallel_use(monkeypatch):
+    """Forked workers (DataLoader, multiprocessing) after the parent ran the parallel kernels."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+    BACKEND.forward_train(torch.randn(6, 5, 300), None, None, EPS)  # the parent's thread pool is up
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        for x, y, mean, var in pool.map(_forward_in_child, range(3)):
+            _, cache = reference.forward(x, np.ones(5), np.zeros(5), EPS)
+            check("child mean", mean, cache.mean, 1e-5, 1e-5)
+            check("child var", var, cache.var, 1e-5, 1e-5)
+            check("child y", y, reference.forward(x, np.ones(5), np.zeros(5), EPS)[0], 1e-5, 1e-5, 4.0)
+    loader = torch.utils.data.DataLoader(_Normalized(), batch_size=2, num_workers=2, multiprocessing_context="fork")
+    for x, y in loader:
+        for xi, yi in zip(x, y, strict=True):
+            check("worker y", yi, reference.forward(xi.numpy(), np.ones(5), np.zeros(5), EPS)[0], 1e-5, 1e-5, 4.0)
+
+
+@pytest.mark.slow
+def test_disk_cache_and_one_compile_message(tmp_path):
+    """With an empty cache the first process says it compiles, once; the next loads silently."""
+    script = (
+        "import torch; from batchnorm.kernels import cpu; b = cpu.NumbaBackend();"
+        "[b.forward_train(torch.randn(2, 3, 4), None, None, 1e-5) for _ in range(3)];"
+        "b.apply(torch.randn(2, 3, 4), torch.ones(3), torch.zeros(3))"
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [
+        subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert runs[0].stderr.count("compiling the numba CPU kernels") == 1, runs[0].stderr
+    assert "compiling" not in runs[1].stderr, runs[1].stderr
+    assert any(name.endswith(".nbi") for _, _, files in os.walk(tmp_path) for name in files)
