@@ -59,9 +59,12 @@ def _threads(numel: int) -> int:
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
-def _announce(kernel, parallel: bool) -> None:
+def _announce(kernel) -> None:
     """Log once per process when a kernel is about to be compiled (not found in the disk cache)."""
-    if _state["announced"] or kernel.signatures:
+    if _state["announced"] or kernel in _seen:
+        return
+    _seen.add(kernel)
+    if kernel.signatures:
         return
     cache_dir = kernel.stats.cache_path
     if glob.glob(os.path.join(cache_dir, f"*{kernel.py_func.__qualname__}-*.nbi")):
@@ -70,13 +73,16 @@ def _announce(kernel, parallel: bool) -> None:
     _log.warning("batchnorm: compiling the numba CPU kernels (once; about 10-60 s, then cached in %s)", cache_dir)
 
 
+_seen: set = set()
+
+
 def _call(name: str, numel: int, make_args):
     """Run kernel ``name`` with the thread count for ``numel`` on ``make_args(threads)``."""
     threads = _threads(numel)
     if threads > 1 and _launch.acquire(blocking=False):
         try:
             kernel = getattr(loops.PARALLEL, name)
-            _announce(kernel, True)
+            _announce(kernel)
             numba.set_num_threads(threads)
             # Items handed out one at a time: a thread slowed by another process
             # leaves its share to the others (results do not depend on who runs an item).
@@ -86,7 +92,7 @@ def _call(name: str, numel: int, make_args):
         finally:
             _launch.release()
     kernel = getattr(loops.SERIAL, name)
-    _announce(kernel, False)
+    _announce(kernel)
     return kernel(*make_args(1))
 
 
@@ -101,11 +107,10 @@ def _layout(x: Tensor) -> tuple[str, Tensor]:
 
 def _view(t: Tensor, layout: str) -> np.ndarray:
     """The C-contiguous NumPy view of ``t`` (N,C,L) for ``layout`` (no copy)."""
-    t = t.detach()
+    a = t.detach().numpy()  # N,C,L with t's strides
     if layout == "ncl":
-        return t.numpy()  # N,C,L
-    n, c, l = t.shape
-    return t.permute(0, 2, 1).reshape(n * l, c).numpy()  # N*L,C
+        return a
+    return a.transpose(0, 2, 1).reshape(-1, a.shape[1])  # N*L,C: a view, as t is dense channels-last
 
 
 def _like(t: Tensor, layout: str) -> Tensor:
@@ -117,11 +122,15 @@ def _like(t: Tensor, layout: str) -> Tensor:
     return t.permute(0, 2, 1).contiguous().permute(0, 2, 1)
 
 
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
 def _vec(v: Tensor | None, c: int, dtype: torch.dtype, fill: float) -> np.ndarray:
     """A per-channel parameter as a contiguous NumPy vector of x's dtype."""
     if v is None:
-        return np.full(c, fill, dtype=torch.empty((), dtype=dtype).numpy().dtype)
-    return v.detach().to(dtype).contiguous().numpy()
+        return np.full(c, fill, dtype=_NP_DTYPE[dtype])
+    a = v.detach().numpy() if v.dtype == dtype else v.detach().to(dtype).numpy()
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def _ncl_splits(threads: int, n: int, c: int) -> int:

@@ -1,0 +1,407 @@
+"""``batchnorm bench``: our layers against torch eager and torch.compile, side by side.
+
+For each case (a layer shape and memory layout) and mode (train forward, train
+forward+backward, eval forward) it checks our results against torch eager (and
+against ``batchnorm.reference`` for tensors up to 4M elements), then times the
+three implementations interleaved (one call of each per round, so a noisy
+machine slows all of them alike) and reports medians.
+
+Bandwidth napkin math, the fewest bytes each mode must move (element size s,
+n elements): train forward reads x and writes y (2ns); the backward reads x and
+dy and writes dx (3ns), so train forward+backward is 5ns; eval reads x and
+writes y (2ns). The C-sized parameters and statistics are ignored. "GB/s" is
+that byte count over our median time, "% copy" its fraction of the machine's
+copy bandwidth (``dst.copy_(src)`` into an existing 256 MiB buffer, counted as
+read + write), measured at start. A freshly allocated output costs page faults
+on top of that (shown as the "fresh-copy" figure: ``src.clone()``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+MODES = ("train-fwd", "train-fwdbwd", "eval")
+BYTES_PER_ELEMENT_MOVED = {"train-fwd": 2, "train-fwdbwd": 5, "eval": 2}  # in units of n * itemsize
+LARGE_NUMEL = 1 << 23  # "large cases" for the bandwidth targets: 8M elements (32 MiB float32) and up
+REFERENCE_MAX_NUMEL = 1 << 22
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    group: str  # "resnet50", "mlp", "small"
+    shape: tuple[int, ...]
+    channels_last: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _resnet50_cases(batch: int = 32) -> list[Case]:
+    """The distinct BatchNorm2d input shapes of torchvision's ResNet-50 at 224x224."""
+    shapes = [  # (channels, side)
+        (64, 112),  # stem
+        (64, 56), (256, 56),  # layer1
+        (128, 56), (128, 28), (512, 28),  # layer2
+        (256, 28), (256, 14), (1024, 14),  # layer3
+        (512, 14), (512, 7), (2048, 7),  # layer4
+    ]  # fmt: skip
+    cases = []
+    for channels_last in (False, True):
+        for c, side in shapes:
+            tag = "nhwc" if channels_last else "nchw"
+            cases.append(Case(f"r50-{c}x{side}-{tag}", "resnet50", (batch, c, side, side), channels_last))
+    return cases
+
+
+def all_cases() -> list[Case]:
+    return [
+        *_resnet50_cases(),
+        Case("mlp-256x1024", "mlp", (256, 1024)),
+        Case("mlp-4096x4096", "mlp", (4096, 4096)),
+        Case("small-8x16x8x8", "small", (8, 16, 8, 8)),
+        Case("small-32x64", "small", (32, 64)),
+        Case("small-4x32x16x16-nhwc", "small", (4, 32, 16, 16), True),
+    ]
+
+
+QUICK_CASES = ("small-8x16x8x8", "small-32x64", "small-4x32x16x16-nhwc", "r50-2048x7-nhwc")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--cases", default="", help="comma-separated substrings; run only cases whose name has one")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--quick", action="store_true", help="a few small cases, few repeats: seconds, for tests")
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 7, quick 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", default=None, help="directory for results.md and results.csv")
+
+
+@dataclass
+class Row:
+    case: Case
+    mode: str
+    ours_ms: float
+    torch_ms: float
+    compile_ms: float | None
+    gbps: float
+    frac_copy: float
+
+    @property
+    def vs_torch(self) -> float:
+        return self.torch_ms / self.ours_ms
+
+    @property
+    def vs_compile(self) -> float | None:
+        return None if self.compile_ms is None else self.compile_ms / self.ours_ms
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    import platform
+    import time
+
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    repeats = args.repeats or (3 if args.quick else 7)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected some of {', '.join(MODES)}")
+    cases = _select_cases(args)
+    if not cases:
+        raise ValueError(f"no case matches --cases {args.cases!r}")
+
+    copy_gbps, fresh_gbps = _copy_bandwidth(device, quick=args.quick)
+    import batchnorm
+
+    chosen = batchnorm.kernels.select(torch.empty(2, 2, 2, device=device, dtype=dtype)).name
+    header = (
+        f"# batchnorm bench: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}, "
+        f"backend {chosen!r}\n"
+        f"copy bandwidth {copy_gbps:.1f} GB/s (into an existing buffer), "
+        f"{fresh_gbps:.1f} GB/s (fresh output, page faults included); medians of {repeats} rounds"
+    )
+    print(header, flush=True)
+
+    rows: list[Row] = []
+    started = time.perf_counter()
+    for case in cases:
+        for mode in modes:
+            rows.append(_bench_one(case, mode, device, dtype, repeats, not args.no_compile, copy_gbps))
+            print(_markdown_row(rows[-1]), flush=True)
+    summary = _summary(rows)
+    table = "\n".join([header, "", _markdown_header(), *map(_markdown_row, rows), "", *summary])
+    print("", *summary, f"({time.perf_counter() - started:.0f} s)", sep="\n")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(args.out, "results.csv"), "w") as f:
+            f.write(_csv(rows))
+        print(f"wrote {args.out}/results.md and results.csv")
+    return 0
+
+
+def _select_cases(args) -> list[Case]:
+    cases = all_cases()
+    if args.quick and not args.cases:
+        return [c for c in cases if c.name in QUICK_CASES]
+    wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
+    return [c for c in cases if not wanted or any(w in c.name for w in wanted)]
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _copy_bandwidth(device, quick: bool) -> tuple[float, float]:
+    """Read + write GB/s of a 256 MiB copy (16 MiB with --quick): into a buffer, and into a fresh one."""
+    import statistics
+    import time
+
+    import torch
+
+    n = (1 << 22) if quick else (1 << 26)
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    into, fresh = [], []
+    for _ in range(3 if quick else 7):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        into.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        out = src.clone()
+        _sync(device)
+        fresh.append(time.perf_counter() - start)
+        del out
+    nbytes = 2 * n * src.element_size()
+    return nbytes / statistics.median(into) / 1e9, nbytes / statistics.median(fresh) / 1e9
+
+
+def _layers(case: Case, device, dtype):
+    """(ours, torch) layers with the same parameters, in train mode."""
+    import torch
+
+    import batchnorm
+
+    c = case.shape[1]
+    kind = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(case.shape)]
+    ours = getattr(batchnorm, kind)(c, device=device, dtype=dtype)
+    theirs = getattr(torch.nn, kind)(c, device=device, dtype=dtype)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ours.bias.uniform_(-0.5, 0.5)
+        theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _inputs(case: Case, device, dtype):
+    import torch
+
+    x = torch.randn(case.shape, device=device, dtype=dtype) * 2 + 0.5
+    dy = torch.randn(case.shape, device=device, dtype=dtype)
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    return x, dy
+
+
+def _step(layer, x, dy, mode):
+    """One call of ``mode``; returns what is compared: output (and gradients)."""
+    if mode == "train-fwdbwd":
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        y = layer(x)
+        y.backward(dy)
+        return y, x.grad, layer.weight.grad, layer.bias.grad
+    return (layer(x),)
+
+
+def _bench_one(case: Case, mode: str, device, dtype, repeats: int, with_compile: bool, copy_gbps: float) -> Row:
+    import statistics
+    import time
+
+    import torch
+
+    x, dy = _inputs(case, device, dtype)
+    ours, theirs = _layers(case, device, dtype)
+    x.requires_grad_(mode == "train-fwdbwd")
+    impls = {"ours": ours, "torch": theirs}
+    if with_compile:
+        compiled = _layers(case, device, dtype)[1]
+        compiled.load_state_dict(theirs.state_dict())
+        impls["compile"] = torch.compile(compiled)
+    for layer in impls.values():
+        layer.train(mode != "eval")
+    if mode == "eval":  # give eval something other than the initial buffers
+        with torch.no_grad():
+            for layer in (ours, theirs, *([compiled] if with_compile else [])):
+                layer.running_mean.copy_(torch.linspace(-1, 1, case.shape[1]))
+                layer.running_var.copy_(torch.linspace(0.5, 2, case.shape[1]))
+
+    grad_ctx = torch.enable_grad if mode == "train-fwdbwd" else torch.no_grad
+    with grad_ctx():
+        results = {name: _step(layer, x, dy, mode) for name, layer in impls.items()}  # warm-up, compile
+        _validate(case, mode, results, x, dy, ours)
+        for layer in impls.values():  # a second warm-up: compiled backward, caches
+            _step(layer, x, dy, mode)
+        times: dict[str, list[float]] = {name: [] for name in impls}
+        for _ in range(repeats):
+            for name, layer in impls.items():
+                _sync(device)
+                start = time.perf_counter()
+                _step(layer, x, dy, mode)
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    nbytes = BYTES_PER_ELEMENT_MOVED[mode] * case.numel * x.element_size()
+    gbps = nbytes / (ms["ours"] / 1e3) / 1e9
+    return Row(case, mode, ms["ours"], ms["torch"], ms.get("compile"), gbps, gbps / copy_gbps)
+
+
+def _validate(case: Case, mode: str, results, x, dy, ours) -> None:
+    """Ours against torch eager (every case) and the float64 reference (small cases)."""
+    import numpy as np
+    import torch
+
+    from batchnorm import reference
+
+    names = ["y", "dx", "dweight", "dbias"]
+    for name, got, want in zip(names, results["ours"], results["torch"], strict=False):
+        got, want = got.detach(), want.detach()
+        scale = float(want.abs().max()) if want.numel() else 1.0
+        tol = 1e-4 if x.dtype == torch.float32 else 1e-9
+        if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, scale)):
+            err = float((got - want).abs().max())
+            raise AssertionError(f"{case.name} {mode}: {name} differs from torch eager by {err:.3e}")
+        if name in ("y", "dx") and got.stride() != want.stride():
+            raise AssertionError(f"{case.name} {mode}: {name} strides {got.stride()} != torch's {want.stride()}")
+    if case.numel > REFERENCE_MAX_NUMEL:
+        return
+    xs = x.detach().double().cpu().numpy()
+    gamma = ours.weight.detach().double().cpu().numpy()
+    beta = ours.bias.detach().double().cpu().numpy()
+    if mode == "eval":
+        a, b = reference.inference_affine(
+            ours.running_mean.double().cpu().numpy(), ours.running_var.double().cpu().numpy(), gamma, beta, ours.eps
+        )
+        expected = [reference.inference(xs, a, b)]
+    else:
+        y_ref, cache = reference.forward(xs, gamma, beta, ours.eps)
+        expected = [y_ref]
+        if mode == "train-fwdbwd":
+            dx, dgamma, dbeta = reference.backward(dy.double().cpu().numpy(), cache)
+            expected += [dx, dgamma, dbeta]
+    for name, got, want in zip(names, results["ours"], expected, strict=False):
+        err = float(np.abs(got.detach().double().cpu().numpy() - want).max())
+        tol = (1e-4 if x.dtype == torch.float32 else 1e-9) * max(1.0, float(np.abs(want).max()))
+        if err > tol:
+            raise AssertionError(f"{case.name} {mode}: {name} differs from the reference by {err:.3e}")
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _markdown_header() -> str:
+    return (
+        "| case | shape | mode | ours ms | torch ms | compile ms | vs torch | vs compile | GB/s | % copy |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
+
+
+def _markdown_row(r: Row) -> str:
+    shape = "x".join(map(str, r.case.shape))
+    return (
+        f"| {r.case.name} | {shape} | {r.mode} | {r.ours_ms:.3f} | {r.torch_ms:.3f} | {_fmt(r.compile_ms, '.3f')} "
+        f"| {r.vs_torch:.2f}x | {_fmt(r.vs_compile, '.2f')}{'x' if r.vs_compile else ''} | {r.gbps:.1f} "
+        f"| {r.frac_copy:.0%} |"
+    )
+
+
+def _csv(rows: list[Row]) -> str:
+    lines = ["case,group,shape,channels_last,mode,ours_ms,torch_ms,compile_ms,vs_torch,vs_compile,gbps,frac_copy"]
+    for r in rows:
+        lines.append(
+            ",".join(
+                [
+                    r.case.name,
+                    r.case.group,
+                    "x".join(map(str, r.case.shape)),
+                    str(r.case.channels_last),
+                    r.mode,
+                    f"{r.ours_ms:.4f}",
+                    f"{r.torch_ms:.4f}",
+                    _fmt(r.compile_ms, ".4f").replace("-", ""),
+                    f"{r.vs_torch:.3f}",
+                    _fmt(r.vs_compile, ".3f").replace("-", ""),
+                    f"{r.gbps:.2f}",
+                    f"{r.frac_copy:.3f}",
+                ]
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
+
+
+def _summary(rows: list[Row]) -> list[str]:
+    """The figures the targets speak of, for whatever subset was run."""
+    out = []
+    fb = [r for r in rows if r.case.group == "resnet50" and r.mode == "train-fwdbwd"]
+    if fb:
+        worst = min(fb, key=lambda r: r.vs_torch)
+        out.append(
+            f"- train fwd+bwd, ResNet-50 set ({len(fb)} cases): geomean {_geomean([r.vs_torch for r in fb]):.2f}x "
+            f"torch eager (target >= 2.5x), lowest {worst.vs_torch:.2f}x ({worst.case.name}; target >= 1.0x)"
+        )
+    for mode, target in (("train-fwd", 0.6), ("eval", 0.8)):
+        large = [r for r in rows if r.mode == mode and r.case.numel >= LARGE_NUMEL]
+        if large:
+            fracs = [r.frac_copy for r in large]
+            out.append(
+                f"- {mode}, large cases ({len(large)}): {statistics_median(fracs):.0%} of copy bandwidth median, "
+                f"{min(fracs):.0%}-{max(fracs):.0%} range (target >= {target:.0%})"
+            )
+    compiled = [r for r in rows if r.vs_compile is not None]
+    if compiled:
+        behind = [f"{r.case.name}/{r.mode} {r.vs_compile:.2f}x" for r in compiled if r.vs_compile < 1.0]
+        out.append(
+            f"- vs torch.compile: ahead in {len(compiled) - len(behind)}/{len(compiled)}, geomean "
+            f"{_geomean([r.vs_compile for r in compiled]):.2f}x" + (f"; behind: {', '.join(behind)}" if behind else "")
+        )
+    small = [r for r in rows if r.case.group == "small"]
+    if small:
+        worst = max(small, key=lambda r: r.ours_ms / r.torch_ms)
+        out.append(
+            f"- small shapes: ours/torch time at most {worst.ours_ms / worst.torch_ms:.2f} "
+            f"({worst.case.name}/{worst.mode}: {worst.ours_ms * 1e3:.0f} vs {worst.torch_ms * 1e3:.0f} us; target <= 2)"
+        )
+    return out
+
+
+def statistics_median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
