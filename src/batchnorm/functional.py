@@ -29,25 +29,19 @@ __all__ = ["batch_norm", "inference_affine", "update_running_stats"]
 
 
 # ---------------------------------------------------------------------------
-# training forward / backward ops
+# implementations (plain functions; the ops below and the eager path share them)
 
 
-@torch.library.custom_op("batchnorm::forward_train", mutates_args=())
-def _forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _forward_train_impl(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     x = prepare(x)
     x3 = as_ncl(x)
     y3, mean, var = kernels.select(x3).forward_train(x3, weight, bias, eps)
     return restore(y3, x), mean, var
 
 
-@_forward_train.register_fake
-def _(x, weight, bias, eps):
-    stats = x.new_empty((x.shape[1],), dtype=stats_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=output_memory_format(x)), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("batchnorm::backward_train", mutates_args=())
-def _backward_train(
+def _backward_train_impl(
     dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     x = prepare(x)
@@ -57,9 +51,55 @@ def _backward_train(
     return restore(dx3, x), sum_dy, sum_dy_xmu
 
 
-@_backward_train.register_fake
+def _affine_impl(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    x = prepare(x)
+    x3 = as_ncl(x)
+    return restore(kernels.select(x3).apply(x3, scale, shift), x)
+
+
+def _affine_backward_impl(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    x = prepare(x)
+    dy = dy.contiguous(memory_format=output_memory_format(x))
+    x3, dy3 = as_ncl(x), as_ncl(dy)
+    zero = x3.new_zeros((x3.shape[1],), dtype=stats_dtype(x3.dtype))
+    return kernels.select(x3).backward_reduce(dy3, x3, zero)
+
+
+# ---------------------------------------------------------------------------
+# the torch.library ops: what torch.compile and torch.export see
+
+
+_forward_train_op = torch.library.custom_op("batchnorm::forward_train", _forward_train_impl, mutates_args=())
+_backward_train_op = torch.library.custom_op("batchnorm::backward_train", _backward_train_impl, mutates_args=())
+_affine_op = torch.library.custom_op("batchnorm::affine", _affine_impl, mutates_args=())
+_affine_backward_op = torch.library.custom_op("batchnorm::affine_backward", _affine_backward_impl, mutates_args=())
+
+
+@_forward_train_op.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty((x.shape[1],), dtype=stats_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=output_memory_format(x)), stats, torch.empty_like(stats)
+
+
+@_backward_train_op.register_fake
 def _(dy, x, mean, invstd, weight):
-    return torch.empty_like(x, memory_format=output_memory_format(x)), torch.empty_like(mean), torch.empty_like(mean)
+    dx = torch.empty_like(x, memory_format=output_memory_format(x))
+    return dx, torch.empty_like(mean), torch.empty_like(mean)
+
+
+@_affine_op.register_fake
+def _(x, scale, shift):
+    return torch.empty_like(x, memory_format=output_memory_format(x))
+
+
+@_affine_backward_op.register_fake
+def _(dy, x):
+    stats = x.new_empty((x.shape[1],), dtype=stats_dtype(x.dtype))
+    return stats, torch.empty_like(stats)
+
+
+# ---------------------------------------------------------------------------
+# autograd, shared by the ops and the eager autograd.Functions
 
 
 def _composite_train_backward(
@@ -94,52 +134,21 @@ def _forward_train_setup(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _forward_train_backward(ctx, dy, _dmean, _dvar):
-    x, weight, mean, var = ctx.saved_tensors
-    if torch.is_grad_enabled():  # the backward is itself differentiated
-        dx, sum_dy, sum_dy_xhat = _composite_train_backward(dy, x, weight, ctx.eps)
-        dweight = sum_dy_xhat
-    else:
-        invstd = torch.rsqrt(var + ctx.eps)
-        dx, sum_dy, sum_dy_xmu = _backward_train(dy, x, mean, invstd, weight)
-        dweight = sum_dy_xmu * invstd
-    dweight = None if weight is None else dweight.to(weight.dtype)
-    dbias = None if ctx.bias_dtype is None else sum_dy.to(ctx.bias_dtype)
-    return dx, dweight, dbias, None
+def _train_backward_using(backward_train):
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, mean, var = ctx.saved_tensors
+        if torch.is_grad_enabled():  # the backward is itself differentiated
+            dx, sum_dy, sum_dy_xhat = _composite_train_backward(dy, x, weight, ctx.eps)
+            dweight = sum_dy_xhat
+        else:
+            invstd = torch.rsqrt(var + ctx.eps)
+            dx, sum_dy, sum_dy_xmu = backward_train(dy, x, mean, invstd, weight)
+            dweight = sum_dy_xmu * invstd
+        dweight = None if weight is None else dweight.to(weight.dtype)
+        dbias = None if ctx.bias_dtype is None else sum_dy.to(ctx.bias_dtype)
+        return dx, dweight, dbias, None
 
-
-_forward_train.register_autograd(_forward_train_backward, setup_context=_forward_train_setup)
-
-
-# ---------------------------------------------------------------------------
-# eval: y = x * scale + shift
-
-
-@torch.library.custom_op("batchnorm::affine", mutates_args=())
-def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    x = prepare(x)
-    x3 = as_ncl(x)
-    return restore(kernels.select(x3).apply(x3, scale, shift), x)
-
-
-@_affine.register_fake
-def _(x, scale, shift):
-    return torch.empty_like(x, memory_format=output_memory_format(x))
-
-
-@torch.library.custom_op("batchnorm::affine_backward", mutates_args=())
-def _affine_backward(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    x = prepare(x)
-    dy = dy.contiguous(memory_format=output_memory_format(x))
-    x3, dy3 = as_ncl(x), as_ncl(dy)
-    zero = x3.new_zeros((x3.shape[1],), dtype=stats_dtype(x3.dtype))
-    return kernels.select(x3).backward_reduce(dy3, x3, zero)
-
-
-@_affine_backward.register_fake
-def _(dy, x):
-    stats = x.new_empty((x.shape[1],), dtype=stats_dtype(x.dtype))
-    return stats, torch.empty_like(stats)
+    return backward
 
 
 def _affine_setup(ctx, inputs, output):
@@ -147,25 +156,71 @@ def _affine_setup(ctx, inputs, output):
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, scale)
 
 
-def _affine_grad(ctx, dy):
-    x, scale = ctx.saved_tensors
-    need_x, need_scale, need_shift = ctx.needs_input_grad
-    if torch.is_grad_enabled():  # differentiable composite, for double backward
-        dims = reduce_dims(dy)
-        dx = (dy * per_channel(scale, dy)).to(dy.dtype) if need_x else None
-        dscale = (dy * x).sum(dims).to(scale.dtype) if need_scale else None
-        dshift = dy.sum(dims).to(scale.dtype) if need_shift else None
+def _affine_backward_using(affine, affine_backward):
+    def backward(ctx, dy):
+        x, scale = ctx.saved_tensors
+        need_x, need_scale, need_shift = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # differentiable composite, for double backward
+            dims = reduce_dims(dy)
+            dx = (dy * per_channel(scale, dy)).to(dy.dtype) if need_x else None
+            dscale = (dy * x).sum(dims).to(scale.dtype) if need_scale else None
+            dshift = dy.sum(dims).to(scale.dtype) if need_shift else None
+            return dx, dscale, dshift
+        dx = affine(dy, scale, torch.zeros_like(scale)) if need_x else None
+        dscale = dshift = None
+        if need_scale:
+            dshift, dscale = affine_backward(dy, x)
+        elif need_shift:
+            dshift = dy.sum(reduce_dims(dy), dtype=scale.dtype)
         return dx, dscale, dshift
-    dx = _affine(dy, scale, torch.zeros_like(scale)) if need_x else None
-    dscale = dshift = None
-    if need_scale:
-        dshift, dscale = _affine_backward(dy, x)
-    elif need_shift:
-        dshift = dy.sum(reduce_dims(dy), dtype=scale.dtype)
-    return dx, dscale, dshift
+
+    return backward
 
 
-_affine.register_autograd(_affine_grad, setup_context=_affine_setup)
+_forward_train_op.register_autograd(_train_backward_using(_backward_train_op), setup_context=_forward_train_setup)
+_affine_op.register_autograd(_affine_backward_using(_affine_op, _affine_backward_op), setup_context=_affine_setup)
+
+
+class _TrainFunction(torch.autograd.Function):
+    """The eager path: the same implementation without the op dispatcher's overhead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        output = _forward_train_impl(x, weight, bias, eps)
+        _forward_train_setup(ctx, (x, weight, bias, eps), output)
+        return output
+
+    backward = staticmethod(_train_backward_using(_backward_train_impl))
+
+
+class _AffineFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, shift):
+        output = _affine_impl(x, scale, shift)
+        _affine_setup(ctx, (x, scale, shift), output)
+        return output
+
+    backward = staticmethod(_affine_backward_using(_affine_impl, _affine_backward_impl))
+
+
+def _needs_autograd(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    if torch.compiler.is_compiling():
+        return _forward_train_op(x, weight, bias, eps)
+    if _needs_autograd(x, weight, bias):
+        return _TrainFunction.apply(x, weight, bias, eps)
+    return _forward_train_impl(x, weight, bias, eps)
+
+
+def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _affine_op(x, scale, shift)
+    if _needs_autograd(x, scale, shift):
+        return _AffineFunction.apply(x, scale, shift)
+    return _affine_impl(x, scale, shift)
 
 
 # ---------------------------------------------------------------------------
@@ -185,8 +240,9 @@ def inference_affine(
     computed in at least float32 and differentiable in ``weight`` and ``bias``.
     """
     sdtype = stats_dtype(running_var.dtype)
-    invstd = torch.rsqrt(running_var.to(sdtype) + eps)
-    return affine_from_stats(running_mean.to(sdtype), invstd, weight, bias)
+    if running_var.dtype != sdtype:
+        running_mean, running_var = running_mean.to(sdtype), running_var.to(sdtype)
+    return affine_from_stats(running_mean, torch.rsqrt(running_var + eps), weight, bias)
 
 
 @torch.no_grad()
@@ -213,24 +269,30 @@ def update_running_stats(
     to ``nonfinite_count``; this is decided on the device, with no host sync.
     """
     unbiased = var * (count / (count - 1)) if count > 1 else var
-    finite = None
+    pairs = [(r, b) for r, b in ((running_mean, mean), (running_var, unbiased)) if r is not None]
+    running = [r for r, _ in pairs]
+    dtype = running[0].dtype  # the checks ensure both buffers share it
+    batch = torch.stack([b for _, b in pairs]).to(dtype)  # 1 or 2, C
+    on: Tensor | None = None
     if skip_nonfinite:
-        finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()  # 0-d bool, stays on device
+        finite = batch.isfinite().all()  # 0-d bool, stays on the device
         if nonfinite_count is not None:
-            nonfinite_count.add_((~finite).to(nonfinite_count.dtype))
+            nonfinite_count.add_(~finite)
+        # a skipped batch is zeroed and given weight 0 below, so NaN * 0 cannot leak in
+        batch = batch.nan_to_num(0.0, 0.0, 0.0)
+        on = finite.to(dtype)
     if num_batches_tracked is not None:
-        num_batches_tracked.add_(1 if finite is None else finite.to(num_batches_tracked.dtype))
+        num_batches_tracked.add_(1 if on is None else finite)
+    weight: float | Tensor
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor = 1.0 / num_batches_tracked.clamp(min=1).to(mean.dtype)
+        weight = num_batches_tracked.clamp(min=1).to(dtype).reciprocal()
+        weight = weight if on is None else weight * on
     else:
-        factor = momentum
-    for running, batch in ((running_mean, mean), (running_var, unbiased)):
-        if running is None:
-            continue
-        updated = running * (1 - factor) + batch.to(running.dtype) * factor
-        running.copy_(updated if finite is None else torch.where(finite, updated, running))
+        weight = momentum if on is None else on * momentum
+    # running += weight * (batch - running), both buffers in one call
+    torch._foreach_lerp_(running, list(batch.unbind(0)), weight)
 
 
 def batch_norm(

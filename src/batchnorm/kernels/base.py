@@ -61,8 +61,7 @@ def affine_from_stats(
 ) -> tuple[Tensor, Tensor]:
     """Per-channel ``(scale, shift)`` with ``y = x * scale + shift`` equal to
     ``(x - mean) * invstd * weight + bias``; in the statistics' dtype."""
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(invstd.dtype)
-    return scale, shift
+    scale = invstd if weight is None else invstd * (weight if weight.dtype == invstd.dtype else weight.to(invstd.dtype))
+    if bias is None:
+        return scale, -mean * scale
+    return scale, torch.addcmul(bias if bias.dtype == invstd.dtype else bias.to(invstd.dtype), mean, scale, value=-1)

@@ -28,7 +28,8 @@ class TorchBackend(Backend):
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         from . import stats_dtype
 
-        var, mean = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=_REDUCE, correction=0)  # C, C
+        sdtype = stats_dtype(x.dtype)
+        var, mean = torch.var_mean(x if x.dtype == sdtype else x.to(sdtype), dim=_REDUCE, correction=0)  # C, C
         return mean, var
 
     def apply(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
