@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
-from ._checks import check_input
+from . import _memory_efficient, activations, kernels
+from ._checks import ShapeError, check_input
 from ._layout import as_ncl, output_memory_format, per_channel, prepare, reduce_dims, restore
+from .activations import Activation
 from .kernels import stats_dtype
 from .kernels.base import affine_from_stats
 
@@ -32,13 +33,32 @@ __all__ = ["batch_norm", "inference_affine", "update_running_stats"]
 # implementations (plain functions; the ops below and the eager path share them)
 
 
+def _keeps_mask(residual: Tensor | None, activation: str) -> bool:
+    """With a residual, ReLU/LeakyReLU's derivative comes from a saved sign mask
+    (1 byte per element) instead of the residual or the output."""
+    return residual is not None and activation in ("relu", "leaky_relu")
+
+
 def _forward_train_impl(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    residual: Tensor | None = None,
+    activation: str = "identity",
+    act_param: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``act(BN(x) + residual)``; returns ``(y, mean, var, mask)``, ``mask`` empty unless kept."""
     x = prepare(x)
     x3 = as_ncl(x)
     y3, mean, var = kernels.select(x3).forward_train(x3, weight, bias, eps)
-    return restore(y3, x), mean, var
+    y = restore(y3, x)
+    if residual is not None:
+        y.add_(residual)
+    mask = (y > 0) if _keeps_mask(residual, activation) else y.new_empty((0,), dtype=torch.bool)
+    if activation != "identity":
+        activations.apply_(y, Activation(activation, act_param))
+    return y, mean, var, mask
 
 
 def _backward_train_impl(
@@ -76,9 +96,14 @@ _affine_backward_op = torch.library.custom_op("batchnorm::affine_backward", _aff
 
 
 @_forward_train_op.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, residual=None, activation="identity", act_param=0.0):
     stats = x.new_empty((x.shape[1],), dtype=stats_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=output_memory_format(x)), stats, torch.empty_like(stats)
+    y = torch.empty_like(x, memory_format=output_memory_format(x))
+    if _keeps_mask(residual, activation):
+        mask = torch.empty_like(x, dtype=torch.bool, memory_format=output_memory_format(x))
+    else:
+        mask = x.new_empty((0,), dtype=torch.bool)
+    return y, stats, torch.empty_like(stats), mask
 
 
 @_backward_train_op.register_fake
@@ -102,51 +127,94 @@ def _(dy, x):
 # autograd, shared by the ops and the eager autograd.Functions
 
 
-def _composite_train_backward(
-    dy: Tensor, x: Tensor, weight: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward in differentiable torch ops, for double backward.
-
-    The statistics are recomputed from ``x`` so their own dependence on ``x``
-    is part of the graph (the saved ones are constants to autograd).
-    """
+def composite_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    residual: Tensor | None = None,
+    act: Activation = activations.IDENTITY,
+) -> Tensor:
+    """Training-mode ``act(BN(x) + residual)`` in differentiable torch ops."""
     sdtype = stats_dtype(x.dtype)
-    xs, dys = x.to(sdtype), dy.to(sdtype)
+    xs = x.to(sdtype)
     dims = reduce_dims(x)
-    n = x.numel() // x.shape[1]
     mean = xs.mean(dims, keepdim=True)  # 1,C,1..
     xmu = xs - mean  # like x
-    invstd = torch.rsqrt((xmu * xmu).mean(dims, keepdim=True) + eps)  # 1,C,1..
-    xhat = xmu * invstd  # like x
-    sum_dy = dys.sum(dims, keepdim=True)  # 1,C,1..
-    sum_dy_xhat = (dys * xhat).sum(dims, keepdim=True)  # 1,C,1..
-    k = invstd if weight is None else invstd * per_channel(weight.to(sdtype), x)
-    dx = k * (dys - sum_dy / n - xhat * sum_dy_xhat / n)  # like x
-    return dx.to(x.dtype), sum_dy.flatten(), sum_dy_xhat.flatten()
+    z = xmu * torch.rsqrt((xmu * xmu).mean(dims, keepdim=True) + eps)  # like x: xhat
+    if weight is not None:
+        z = z * per_channel(weight.to(sdtype), x)
+    if bias is not None:
+        z = z + per_channel(bias.to(sdtype), x)
+    z = z.to(x.dtype)
+    if residual is not None:
+        z = z + residual
+    return activations.forward(z, act)
+
+
+def _composite_backward(ctx, dy: Tensor, saved: dict) -> tuple[Tensor | None, ...]:
+    """The backward as the gradient of :func:`composite_forward`, for double backward:
+    the statistics are recomputed from ``x``, so their own dependence on ``x``
+    is part of the graph (the saved ones are constants to autograd)."""
+    inputs = [saved["x"], saved["weight"], saved["bias"], saved["residual"]]
+    wanted = [t is not None and need for t, need in zip(inputs, ctx.needs_input_grad[:4], strict=True)]
+    y = composite_forward(*inputs[:3], ctx.eps, inputs[3], ctx.act)
+    grads = iter(torch.autograd.grad(y, [t for t, w in zip(inputs, wanted, strict=True) if w], dy, create_graph=True))
+    return tuple(next(grads) if w else None for w in wanted)
 
 
 def _forward_train_setup(ctx, inputs, output):
-    x, weight, bias, eps = inputs
-    _, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.save_for_backward(x, weight, mean, var)
+    x, weight, bias, eps, residual, activation, act_param = (*inputs, None, "identity", 0.0)[:7]
+    y, mean, var, mask = output
+    ctx.mark_non_differentiable(mean, var, mask)
     ctx.eps = eps
-    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.act = Activation(activation, act_param)
+    ctx.has_residual = residual is not None
+    ctx.keeps_output = residual is not None and activation == "elu"
+    ctx.keeps_residual = residual is not None and activation == "silu"
+    ctx.save_for_backward(
+        x, weight, bias, mean, var,
+        mask if mask.numel() else None,
+        y if ctx.keeps_output else None,
+        residual if ctx.keeps_residual else None,
+    )  # fmt: skip
 
 
-def _train_backward_using(backward_train):
-    def backward(ctx, dy, _dmean, _dvar):
-        x, weight, mean, var = ctx.saved_tensors
+def _train_backward_using(backward_train, affine):
+    def backward(ctx, dy, _dmean, _dvar, _dmask):
+        x, weight, bias, mean, var, mask, y, residual = ctx.saved_tensors
+        act = ctx.act
         if torch.is_grad_enabled():  # the backward is itself differentiated
-            dx, sum_dy, sum_dy_xhat = _composite_train_backward(dy, x, weight, ctx.eps)
-            dweight = sum_dy_xhat
+            if ctx.has_residual and residual is None:
+                raise RuntimeError(
+                    f"double backward through a fused residual add with activation {act} is not supported: "
+                    "the residual is not kept (only a sign mask or the output); apply the add outside the layer"
+                )
+            saved = {"x": x, "weight": weight, "bias": bias, "residual": residual}
+            dx, dweight, dbias, dresidual = _composite_backward(ctx, dy, saved)
+            return dx, dweight, dbias, None, dresidual, None, None
+        invstd = torch.rsqrt(var + ctx.eps)
+        # dz = dy * act'(z), with z = BN(x) + residual: from the mask, the output, or recomputed
+        if act.name == "identity":
+            dz = dy
+        elif mask is not None:
+            dz = (
+                dy * mask
+                if act.name == "relu"
+                else dy * torch.where(mask, 1.0, torch.full((), act.param, dtype=dy.dtype, device=dy.device))
+            )
+        elif y is not None:
+            dz = dy * activations.grad_from_output(y, act)
         else:
-            invstd = torch.rsqrt(var + ctx.eps)
-            dx, sum_dy, sum_dy_xmu = backward_train(dy, x, mean, invstd, weight)
-            dweight = sum_dy_xmu * invstd
-        dweight = None if weight is None else dweight.to(weight.dtype)
-        dbias = None if ctx.bias_dtype is None else sum_dy.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None
+            z = affine(x, *affine_from_stats(mean, invstd, weight, bias))
+            if residual is not None:
+                z = z + residual
+            dz = dy * activations.grad_from_input(z, act)
+        dx, sum_dz, sum_dz_xmu = backward_train(dz, x, mean, invstd, weight)
+        dweight = None if weight is None else (sum_dz_xmu * invstd).to(weight.dtype)
+        dbias = None if bias is None else sum_dz.to(bias.dtype)
+        dresidual = dz if ctx.has_residual else None
+        return dx, dweight, dbias, None, dresidual, None, None
 
     return backward
 
@@ -177,7 +245,9 @@ def _affine_backward_using(affine, affine_backward):
     return backward
 
 
-_forward_train_op.register_autograd(_train_backward_using(_backward_train_op), setup_context=_forward_train_setup)
+_forward_train_op.register_autograd(
+    _train_backward_using(_backward_train_op, _affine_op), setup_context=_forward_train_setup
+)
 _affine_op.register_autograd(_affine_backward_using(_affine_op, _affine_backward_op), setup_context=_affine_setup)
 
 
@@ -185,12 +255,12 @@ class _TrainFunction(torch.autograd.Function):
     """The eager path: the same implementation without the op dispatcher's overhead."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        output = _forward_train_impl(x, weight, bias, eps)
-        _forward_train_setup(ctx, (x, weight, bias, eps), output)
+    def forward(ctx, x, weight, bias, eps, residual, activation, act_param):
+        output = _forward_train_impl(x, weight, bias, eps, residual, activation, act_param)
+        _forward_train_setup(ctx, (x, weight, bias, eps, residual, activation, act_param), output)
         return output
 
-    backward = staticmethod(_train_backward_using(_backward_train_impl))
+    backward = staticmethod(_train_backward_using(_backward_train_impl, _affine_impl))
 
 
 class _AffineFunction(torch.autograd.Function):
@@ -207,12 +277,13 @@ def _needs_autograd(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+def _forward_train(x, weight, bias, eps, residual=None, act: Activation = activations.IDENTITY):
+    args = (x, weight, bias, eps, residual, act.name, act.param)
     if torch.compiler.is_compiling():
-        return _forward_train_op(x, weight, bias, eps)
-    if _needs_autograd(x, weight, bias):
-        return _TrainFunction.apply(x, weight, bias, eps)
-    return _forward_train_impl(x, weight, bias, eps)
+        return _forward_train_op(*args)
+    if _needs_autograd(x, weight, bias, residual):
+        return _TrainFunction.apply(*args)
+    return _forward_train_impl(*args)
 
 
 def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -225,6 +296,12 @@ def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------
 # public functions
+
+
+def _activate(y: Tensor, residual: Tensor | None, act: Activation) -> Tensor:
+    if residual is not None:
+        y = y + residual
+    return activations.forward(y, act)
 
 
 def inference_affine(
@@ -308,6 +385,10 @@ def batch_norm(
     num_batches_tracked: Tensor | None = None,
     skip_nonfinite: bool = True,
     nonfinite_count: Tensor | None = None,
+    activation: str | tuple[str, float] | torch.nn.Module | Activation | None = None,
+    residual: Tensor | None = None,
+    memory_efficient: bool = False,
+    inplace: bool = False,
 ) -> Tensor:
     """Batch normalization with :func:`torch.nn.functional.batch_norm`'s signature.
 
@@ -320,18 +401,44 @@ def batch_norm(
     batch; required for ``momentum=None``), ``skip_nonfinite`` (default True:
     a NaN/Inf batch does not reach the running statistics) and
     ``nonfinite_count`` (counts the batches skipped so).
+
+    Fusion: the result is ``activation(BN(input) + residual)``; ``activation``
+    is ``None``/``"identity"``, ``"relu"``, ``"leaky_relu"`` (or
+    ``("leaky_relu", slope)``), ``"elu"`` (or ``("elu", alpha)``), ``"silu"``,
+    or the matching ``torch.nn`` module. The backward applies the activation's
+    derivative itself, keeping the input alone (plus a 1-byte sign mask for
+    ReLU/LeakyReLU after a residual add) instead of the input and the output.
+    ``memory_efficient=True`` (training, invertible activations, no residual)
+    keeps only the output and recomputes the rest from it; with ``inplace=True``
+    the output is written over ``input``'s storage.
     """
     check_input(input, running_mean, running_var, weight, bias, training, eps)
+    act = activations.parse(activation)
+    if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
+        raise ShapeError(
+            f"residual must match the input: expected {tuple(input.shape)} {input.dtype}, "
+            f"got {tuple(residual.shape)} {residual.dtype}"
+        )
+    if memory_efficient and training:
+        _memory_efficient.check(act, weight, residual)
     if not training:
         scale, shift = inference_affine(running_mean, running_var, weight, bias, eps)
-        if input.numel() == 0:
-            return input.clone(memory_format=output_memory_format(input))
-        return _affine(input, scale, shift)
+        y = (
+            input.clone(memory_format=output_memory_format(input))
+            if input.numel() == 0
+            else _affine(input, scale, shift)
+        )
+        return _activate(y, residual, act)
     if input.numel() == 0:  # nothing to learn from; torch still counts the batch
         if num_batches_tracked is not None and running_mean is not None:
             num_batches_tracked.add_(1)
-        return input.clone(memory_format=output_memory_format(input))
-    y, mean, var = _forward_train(input, weight, bias, eps)
+        return _activate(input.clone(memory_format=output_memory_format(input)), residual, act)
+    if memory_efficient:
+        y, mean, var = _memory_efficient.MemoryEfficientBatchNorm.apply(
+            input, weight, bias, eps, act, inplace, _forward_train_impl
+        )
+    else:
+        y, mean, var, _ = _forward_train(input, weight, bias, eps, residual, act)
     if running_mean is not None or running_var is not None:
         update_running_stats(
             running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum,

@@ -4,7 +4,8 @@ Each is a subclass of the matching ``torch.nn`` class, so ``isinstance``
 checks, ``state_dict`` keys, buffers, ``repr``, ``reset_*`` and old-checkpoint
 loading behave exactly as torch's; only ``forward`` is ours (it calls
 :func:`batchnorm.functional.batch_norm`), plus protection of the running
-statistics against non-finite batches.
+statistics against non-finite batches, a fused activation and residual add,
+and a memory-saving mode.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import activations
 from . import functional as F
+from .activations import Activation
 
 Tensor = torch.Tensor
 
@@ -46,6 +49,15 @@ class _BatchNorm:
             running estimates (and ``num_batches_tracked``) unchanged, and is
             counted in the ``num_nonfinite_batches`` buffer (not saved in the
             ``state_dict``). ``False`` restores torch's behaviour.
+        activation: fused after the normalization (and after the residual add,
+            ``forward(x, residual)``): ``None``/``"identity"``, ``"relu"``,
+            ``"leaky_relu"`` or ``("leaky_relu", slope)``, ``"elu"`` or
+            ``("elu", alpha)``, ``"silu"``, or the matching ``torch.nn`` module.
+            The ``state_dict`` stays that of a plain batch-norm layer.
+        memory_efficient: in training keep only the output for the backward and
+            recompute the rest from it (invertible activations only; every
+            ``weight`` must be non-zero; no residual).
+        inplace: with ``memory_efficient``, write the output over the input.
     """
 
     def __init__(
@@ -60,9 +72,22 @@ class _BatchNorm:
         *,
         bias: bool = True,
         skip_nonfinite: bool = True,
+        activation: str | tuple[str, float] | nn.Module | Activation | None = None,
+        memory_efficient: bool = False,
+        inplace: bool = False,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.skip_nonfinite = skip_nonfinite
+        self.activation = activations.parse(activation)
+        if memory_efficient and not self.activation.invertible:
+            raise ValueError(
+                "memory_efficient=True needs an invertible activation (identity, leaky_relu with a positive "
+                f"slope, elu with a positive alpha) to recover the input from the output; got {self.activation}"
+            )
+        if inplace and not memory_efficient:
+            raise ValueError("inplace=True writes the output over the input, which only memory_efficient=True allows")
+        self.memory_efficient = memory_efficient
+        self.inplace = inplace
         counter = torch.zeros((), dtype=torch.long, device=device) if track_running_stats else None
         self.register_buffer("num_nonfinite_batches", counter, persistent=False)
 
@@ -73,9 +98,13 @@ class _BatchNorm:
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
+        if self.activation != activations.IDENTITY:
+            text += f", activation={self.activation}"
+        if self.memory_efficient:
+            text += ", memory_efficient=True" + (", inplace=True" if self.inplace else "")
         return text if self.skip_nonfinite else text + ", skip_nonfinite=False"
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         update = self.training and self.track_running_stats
         # buffers are passed when they are updated (train) or used (eval)
@@ -93,6 +122,10 @@ class _BatchNorm:
             num_batches_tracked=self.num_batches_tracked if update else None,
             skip_nonfinite=self.skip_nonfinite,
             nonfinite_count=self.num_nonfinite_batches if update else None,
+            activation=self.activation,
+            residual=residual,
+            memory_efficient=self.memory_efficient,
+            inplace=self.inplace,
         )
 
 

@@ -1,0 +1,214 @@
+"""Fused activation and residual add, and the memory-saving mode, against torch's
+unfused composition; and how much each keeps for the backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+
+import batchnorm
+from batchnorm import activations
+from batchnorm import functional as F
+from tests.helpers import assert_close
+
+ACTS = ["identity", "relu", ("leaky_relu", 0.2), ("elu", 0.7), "silu"]
+IDS = ["identity", "relu", "leaky_relu", "elu", "silu"]
+
+
+def _torch_reference(x, bn: nn.Module, act, residual):
+    z = bn(x)
+    if residual is not None:
+        z = z + residual
+    return activations.forward(z, activations.parse(act))
+
+
+def _pair(shape, act, **kwargs):
+    cls = {2: (batchnorm.BatchNorm1d, nn.BatchNorm1d), 4: (batchnorm.BatchNorm2d, nn.BatchNorm2d)}[len(shape)]
+    ours, theirs = cls[0](shape[1], activation=act, **kwargs), cls[1](shape[1])
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("act", ACTS, ids=IDS)
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("shape,channels_last", [((16, 5), False), ((4, 3, 5, 3), False), ((4, 3, 5, 3), True)])
+def test_matches_torch_composition_train_and_eval(act, with_residual, shape, channels_last):
+    ours, theirs = _pair(shape, act)
+    for training in (True, False):
+        ours.train(training), theirs.train(training)
+        x = torch.randn(shape) * 2 + 0.5
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        r = torch.randn(shape) if with_residual else None
+        xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ro = rt = None
+        if with_residual:
+            ro, rt = r.clone().requires_grad_(), r.clone().requires_grad_()
+        yo, yt = ours(xo, ro), _torch_reference(xt, theirs, act, rt)
+        assert_close(yo, yt, 1e-5, 1e-5, f"training={training} output")
+        if channels_last:
+            assert yo.is_contiguous(memory_format=torch.channels_last)
+        g = torch.randn_like(yt)
+        yo.backward(g)
+        yt.backward(g)
+        assert_close(xo.grad, xt.grad, 1e-4, 1e-4, "input grad")
+        assert_close(ours.weight.grad, theirs.weight.grad, 1e-4, 1e-4, "weight grad")
+        assert_close(ours.bias.grad, theirs.bias.grad, 1e-4, 1e-4, "bias grad")
+        if with_residual:
+            assert_close(ro.grad, rt.grad, 1e-5, 1e-5, "residual grad")
+        ours.zero_grad(), theirs.zero_grad()
+    for key, value in theirs.state_dict().items():
+        assert_close(ours.state_dict()[key], value, 1e-6, 1e-6, key)
+
+
+@pytest.mark.parametrize("act", ACTS, ids=IDS)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gradcheck(act, with_residual):
+    x = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True) if with_residual else None
+
+    def f(x, w, b, r=None):
+        return F.batch_norm(x, None, None, w, b, True, activation=act, residual=r)
+
+    inputs = (x, w, b, r) if with_residual else (x, w, b)
+    assert gradcheck(f, inputs)
+    if not with_residual or act == "silu":
+        assert gradgradcheck(f, inputs)
+
+
+def test_double_backward_through_a_masked_residual_is_refused_clearly():
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    y = F.batch_norm(x, None, None, training=True, activation="relu", residual=r)
+    with pytest.raises(RuntimeError, match="double backward through a fused residual add"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)  # the ordinary backward works
+    assert torch.isfinite(gx).all()
+
+
+@pytest.mark.parametrize("act", ["identity", ("leaky_relu", 0.1), ("elu", 1.0)], ids=["identity", "leaky", "elu"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_memory_efficient_equals_standard(act, inplace):
+    standard, _ = _pair((4, 3, 5, 3), act)
+    saving = batchnorm.BatchNorm2d(3, activation=act, memory_efficient=True, inplace=inplace)
+    saving.load_state_dict(standard.state_dict())
+    for _ in range(2):
+        x = torch.randn(4, 3, 5, 3) * 3 - 1
+        w = torch.nn.Conv2d(3, 3, 1)  # a producer, so the in-place write hits a non-leaf
+        xs, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys = standard(w(xs))
+        produced = w(xm)
+        ym = saving(produced)
+        if inplace:
+            assert ym.data_ptr() == produced.data_ptr()
+        assert_close(ym, ys, 1e-5, 1e-5, "output")
+        g = torch.randn_like(ys)
+        ys.backward(g)
+        ym.backward(g)
+        assert_close(xm.grad, xs.grad, 1e-4, 1e-4, "input grad")
+        for name in ("weight", "bias"):
+            assert_close(getattr(saving, name).grad, getattr(standard, name).grad, 1e-4, 1e-4, name)
+        standard.zero_grad(), saving.zero_grad()
+    for key, value in standard.state_dict().items():
+        assert_close(saving.state_dict()[key], value, 1e-6, 1e-6, key)
+
+
+def test_memory_efficient_refuses_what_it_cannot_invert():
+    with pytest.raises(ValueError, match=r"needs an invertible activation.*got relu"):
+        batchnorm.BatchNorm2d(3, activation="relu", memory_efficient=True)
+    with pytest.raises(ValueError, match="only memory_efficient=True allows"):
+        batchnorm.BatchNorm2d(3, inplace=True)
+    layer = batchnorm.BatchNorm2d(3, activation="leaky_relu", memory_efficient=True)
+    with pytest.raises(ValueError, match="cannot take a residual"):
+        layer(torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2))
+    with torch.no_grad():
+        layer.weight[1] = 0
+    before = layer.running_mean.clone()
+    with pytest.raises(ValueError, match=r"every weight \(gamma\) must be non-zero; channels \[1\]"):
+        layer(torch.randn(2, 3, 2, 2))
+    assert torch.equal(layer.running_mean, before)
+    layer.eval()
+    layer(torch.randn(2, 3, 2, 2))  # eval keeps nothing for the backward: no condition
+
+
+def test_memory_efficient_double_backward_is_refused():
+    layer = batchnorm.BatchNorm1d(3, memory_efficient=True, dtype=torch.float64)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), x)
+
+
+def test_residual_must_match_the_input():
+    layer = batchnorm.BatchNorm2d(3, activation="relu")
+    with pytest.raises(ValueError, match=r"residual must match the input: expected \(2, 3, 4, 4\)"):
+        layer(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5))
+
+
+def test_fused_layer_keeps_a_plain_state_dict_and_says_what_it_fuses():
+    layer = batchnorm.BatchNorm2d(3, activation=("leaky_relu", 0.2))
+    assert list(layer.state_dict()) == list(nn.BatchNorm2d(3).state_dict())
+    assert repr(layer).endswith("track_running_stats=True, activation=leaky_relu(0.2))")
+
+
+# --- what is kept for the backward -------------------------------------------------------
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of distinct storages that autograd keeps for the backward of ``fn()``."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_bn_relu_keeps_at_most_55_percent_of_torchs():
+    x = torch.randn(8, 16, 12, 12, requires_grad=True)
+    ours, theirs = batchnorm.BatchNorm2d(16, activation="relu"), nn.BatchNorm2d(16)
+    ours_bytes = saved_bytes(lambda: ours(x))
+    torch_bytes = saved_bytes(lambda: torch.relu(theirs(x)))
+    assert ours_bytes <= 0.55 * torch_bytes, (ours_bytes, torch_bytes)
+
+
+def test_bn_add_relu_keeps_less_than_torch():
+    x, r = torch.randn(8, 16, 12, 12, requires_grad=True), torch.randn(8, 16, 12, 12, requires_grad=True)
+    ours, theirs = batchnorm.BatchNorm2d(16, activation="relu"), nn.BatchNorm2d(16)
+    ours_bytes = saved_bytes(lambda: ours(x, r))
+    torch_bytes = saved_bytes(lambda: torch.relu(theirs(x) + r))
+    assert ours_bytes <= 0.65 * torch_bytes, (ours_bytes, torch_bytes)  # x + a 1-byte mask vs x + output
+
+
+def test_memory_efficient_leaky_relu_keeps_at_most_55_percent_of_torchs():
+    conv = nn.Conv2d(16, 16, 1)
+    x = torch.randn(8, 16, 12, 12)
+    ours = batchnorm.BatchNorm2d(16, activation="leaky_relu", memory_efficient=True)
+    theirs = nn.BatchNorm2d(16)
+    conv_bytes = saved_bytes(lambda: conv(x.requires_grad_()))
+    ours_bytes = saved_bytes(lambda: ours(conv(x))) - conv_bytes
+    torch_bytes = saved_bytes(lambda: nn.functional.leaky_relu(theirs(conv(x)))) - conv_bytes
+    assert ours_bytes <= 0.55 * torch_bytes, (ours_bytes, torch_bytes)
+
+
+@pytest.mark.slow
+def test_fused_layer_compiles_fullgraph():
+    layer = batchnorm.BatchNorm2d(3, activation="relu")
+    compiled = torch.compile(batchnorm.BatchNorm2d(3, activation="relu"), fullgraph=True, backend="aot_eager")
+    x, r = torch.randn(4, 3, 5, 5, requires_grad=True), torch.randn(4, 3, 5, 5)
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = layer(x, r), compiled(x2, r)
+    y.sum().backward()
+    y2.sum().backward()
+    assert_close(y2, y, 1e-6, 1e-6, "output")
+    assert_close(x2.grad, x.grad, 1e-5, 1e-5, "input grad")
