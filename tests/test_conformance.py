@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import batchnorm
+from tests.clients import TinyResNet
 from tests.helpers import assert_close
 
 common_modules = pytest.importorskip(
@@ -102,40 +103,11 @@ def test_torch_error_inputs(info, index):
 # --- a real client: a small ResNet trained side by side -------------------------------
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, inplanes, planes, stride, norm):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = norm(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = norm(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), norm(planes))
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
-
-
-class TinyResNet(nn.Module):
-    def __init__(self, norm=nn.BatchNorm2d, classes=5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), norm(8), nn.ReLU(inplace=True))
-        self.layers = nn.Sequential(BasicBlock(8, 8, 1, norm), BasicBlock(8, 16, 2, norm), BasicBlock(16, 16, 1, norm))
-        self.head = nn.Linear(16, classes)
-
-    def forward(self, x):
-        return self.head(self.layers(self.stem(x)).mean((2, 3)))
-
-
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_resnet_client_trains_like_torch(memory_format):
     reference_model = TinyResNet().to(memory_format=memory_format)
     ours_model = batchnorm.convert(copy.deepcopy(reference_model))
-    assert sum(isinstance(m, batchnorm.BatchNorm2d) for m in ours_model.modules()) == 8
+    assert sum(isinstance(m, batchnorm.BatchNorm2d) for m in ours_model.modules()) == 11
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (reference_model, ours_model)]
     for step in range(3):
         x = torch.randn(6, 3, 12, 12).to(memory_format=memory_format)

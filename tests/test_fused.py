@@ -146,10 +146,13 @@ def test_memory_efficient_double_backward_is_refused():
         torch.autograd.grad(gx.sum(), x)
 
 
-def test_residual_must_match_the_input():
-    layer = batchnorm.BatchNorm2d(3, activation="relu")
-    with pytest.raises(ValueError, match=r"residual must match the input: expected \(2, 3, 4, 4\)"):
-        layer(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5))
+def test_residual_that_broadcasts_or_promotes_is_added_unfused_and_a_bad_one_is_refused():
+    ours, theirs = _pair((2, 3, 4, 4), "relu")
+    x = torch.randn(2, 3, 4, 4)
+    for r in (torch.randn(3, 1, 1), torch.randn(2, 3, 4, 4, dtype=torch.float64)):
+        assert_close(ours(x, r), _torch_reference(x, theirs, "relu", r), 1e-5, 1e-5, f"residual {tuple(r.shape)}")
+    with pytest.raises(ValueError, match=r"residual must broadcast to the input \(2, 3, 4, 4\), got \(2, 3, 4, 5\)"):
+        ours(x, torch.randn(2, 3, 4, 5))
 
 
 def test_fused_layer_keeps_a_plain_state_dict_and_says_what_it_fuses():

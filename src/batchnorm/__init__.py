@@ -1,14 +1,20 @@
 """batchnorm: batch normalization for PyTorch, complete and fast.
 
-Drop-in ``BatchNorm1d/2d/3d`` layers (subclasses of torch.nn's), the functional
-``batch_norm``, backend choice (``backend``), and ``convert`` to swap the layers
-of an existing model. See ``batchnorm.reference`` for the equations.
+Drop-in ``BatchNorm1d/2d/3d`` layers (subclasses of torch.nn's) with optional
+fused activation and residual add, ``SyncBatchNorm``, the functional
+``batch_norm``, backend choice (``backend``), ``convert`` to swap the layers of
+an existing model and ``fuse`` to fuse what follows them. See
+``batchnorm.reference`` for the equations.
 """
 
 from . import functional, reference
 from .convert import convert
+from .fuse import fuse
 from .kernels import backend
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "backend", "convert", "functional", "reference"]
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "backend", "convert", "functional", "fuse",
+    "reference",
+]  # fmt: skip
 __version__ = "0.1.0"

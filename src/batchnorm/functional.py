@@ -415,10 +415,19 @@ def batch_norm(
     check_input(input, running_mean, running_var, weight, bias, training, eps)
     act = activations.parse(activation)
     if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
-        raise ShapeError(
-            f"residual must match the input: expected {tuple(input.shape)} {input.dtype}, "
-            f"got {tuple(residual.shape)} {residual.dtype}"
-        )
+        # a broadcast or a type promotion: normalize fused, then add and activate as torch ops
+        try:
+            torch.broadcast_shapes(input.shape, residual.shape)
+        except RuntimeError:
+            raise ShapeError(
+                f"residual must broadcast to the input {tuple(input.shape)}, got {tuple(residual.shape)}"
+            ) from None
+        y = batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            num_batches_tracked=num_batches_tracked, skip_nonfinite=skip_nonfinite,
+            nonfinite_count=nonfinite_count, memory_efficient=memory_efficient, inplace=inplace,
+        )  # fmt: skip
+        return activations.forward(y + residual, act)
     if memory_efficient and training:
         _memory_efficient.check(act, weight, residual)
     if not training:

@@ -1,0 +1,136 @@
+"""``batchnorm.fuse`` on a ResNet-style client and on patterns it must leave alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm.activations import Activation
+from tests.clients import TinyResNet
+from tests.helpers import assert_close
+
+
+def _fused_layers(model):
+    return {name: m.activation for name, m in model.named_modules() if isinstance(m, batchnorm.BatchNorm2d)}
+
+
+def test_resnet_blocks_fuse_and_train_like_the_original():
+    original = TinyResNet()
+    fused = batchnorm.fuse(copy.deepcopy(original))
+    acts = _fused_layers(fused)
+    relu = Activation("relu")
+    # stem BN+ReLU, bn1 of every block, bn2 of the bottleneck, and every block's last BN + add + ReLU
+    assert acts["stem.1"] == relu
+    assert all(acts[f"layers.{i}.bn1"] == relu for i in range(4))
+    assert all(acts[f"layers.{i}.bn2"] == relu for i in range(3)) and acts["layers.3.bn3"] == relu
+    # the downsample BN is the add's other operand, not followed by an activation: left as it was
+    assert type(fused.get_submodule("layers.1.downsample.1")) is nn.BatchNorm2d
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (original, fused)]
+    for step in range(3):
+        x, target = torch.randn(4, 3, 10, 10), torch.randint(0, 5, (4,))
+        losses = []
+        for model, optimizer in zip((original, fused), optimizers, strict=True):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        assert_close(losses[1], losses[0], 1e-5, 1e-5, f"step {step} loss")
+    for (name, p_ref), p_fused in zip(original.named_parameters(), fused.parameters(), strict=True):
+        assert_close(p_fused, p_ref, 1e-5, 1e-4, name)
+    original.eval(), fused.eval()
+    x = torch.randn(2, 3, 10, 10)
+    assert_close(fused(x), original(x), 1e-5, 1e-5, "eval")
+
+
+def test_fuse_keeps_tensors_and_state_dict_keys():
+    original = TinyResNet()
+    tensors = {id(t) for t in original.state_dict(keep_vars=True).values()}
+    fused = batchnorm.fuse(original)
+    assert {id(t) for t in fused.state_dict(keep_vars=True).values()} == tensors
+    assert set(fused.state_dict()) == set(TinyResNet().state_dict())
+
+
+class _UsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.bn(x)
+        return torch.relu(y) + y  # the BN output is needed unactivated too
+
+
+class _SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return torch.relu(self.bn(x)) + self.bn(x * 2)  # one module, two call sites
+
+
+class _InPlaceAlias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.bn(x)
+        y.mul_(2)  # an in-place op on the BN output before the activation
+        return torch.relu(y)
+
+
+class _Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x, r):
+        return nn.functional.leaky_relu(r + self.bn(x), 0.2)
+
+
+@pytest.mark.parametrize("cls", [_UsedTwice, _SharedBN, _InPlaceAlias])
+def test_unsafe_patterns_are_left_alone(cls):
+    model = cls()
+    fused = batchnorm.fuse(copy.deepcopy(model))
+    assert getattr(fused.bn, "activation", Activation()) == Activation()
+    x = torch.randn(6, 4)
+    assert_close(fused(x), model(x), 1e-6, 1e-6, "output")
+
+
+def test_functional_activation_with_residual_on_the_left_fuses():
+    model = _Functional()
+    fused = batchnorm.fuse(copy.deepcopy(model))
+    assert fused.bn.activation == Activation("leaky_relu", 0.2)
+    x, r = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    x2, r2 = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
+    assert_close(fused(x2, r2), model(x, r), 1e-6, 1e-6, "output")
+    model(x, r).sum().backward()
+    fused(x2, r2).sum().backward()
+    assert_close(x2.grad, x.grad, 1e-5, 1e-5, "x grad")
+    assert_close(r2.grad, r.grad, 1e-6, 1e-6, "residual grad")
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ELU(0.5), nn.Linear(4, 2))
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace this
+            return x
+        return self.body(x)
+
+
+def test_untraceable_model_falls_back_to_the_sequential_walk():
+    model = _Untraceable()
+    fused = batchnorm.fuse(copy.deepcopy(model))
+    assert type(fused) is _Untraceable
+    assert fused.body[1].activation == Activation("elu", 0.5) and isinstance(fused.body[2], nn.Identity)
+    x = torch.randn(5, 3)
+    assert_close(fused(x), model(x), 1e-6, 1e-6, "output")
