@@ -297,3 +297,22 @@ def test_disk_cache_and_one_compile_message(tmp_path):
     assert runs[0].stderr.count("compiling the numba CPU kernels") == 1, runs[0].stderr
     assert "compiling" not in runs[1].stderr, runs[1].stderr
     assert any(name.endswith(".nbi") for _, _, files in os.walk(tmp_path) for name in files)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_outputs_on_their_own_mapping_behave_like_tensors(layout, monkeypatch, gen):
+    """Large outputs are mapped with huge pages requested: same values, strides, and lifetime."""
+    monkeypatch.setattr(cpu, "HUGE_PAGE_MIN_BYTES", 0)
+    x = make((3, 4, 7), torch.float32, layout, gen)
+    dy = make((3, 4, 7), torch.float32, layout, gen)
+    y, mean, var = BACKEND.forward_train(x, None, None, EPS)
+    dx, _, _ = BACKEND.backward_train(dy, x, mean, torch.rsqrt(var + EPS), None)
+    z = BACKEND.apply(x, mean, var)
+    y_ref, cache = reference.forward(x.double().numpy(), np.ones(4), np.zeros(4), EPS)
+    del x
+    for out in (y, dx, z):
+        assert out._base is None and out.stride() == dy.stride()
+    check("y", y, y_ref, 1e-5, 1e-5, scale=4.0)
+    check("dx", dx, reference.backward(dy.double().numpy(), cache)[0], 1e-5, 1e-5, scale=100.0)
+    y.relu_()  # in place, as a following ReLU(inplace=True) does
+    assert (y >= 0).all() and y.clone().equal(y)

@@ -236,15 +236,17 @@ def nlc_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out):
     part = np.zeros((splits, 2, C))  # splits,2,C: shifted sums per row block
     for s in prange(splits):
         r0, r1 = _rows(s, splits, R)
-        acc = part[s]  # 2,C
         for c0 in range(0, C, _COLUMN_BLOCK):
             c1 = min(c0 + _COLUMN_BLOCK, C)
+            a1 = part[s, 0, c0:c1]  # block of C
+            a2 = part[s, 1, c0:c1]  # block of C
+            sh = shift[c0:c1]  # block of C
             for r in range(r0, r1):
-                row = x[r]  # C
-                for c in range(c0, c1):
-                    d = np.float64(row[c]) - shift[c]
-                    acc[0, c] += d
-                    acc[1, c] += d * d
+                row = x[r, c0:c1]  # block of C
+                for j in range(row.shape[0]):  # from 0: no negative-index checks, so it vectorizes
+                    d = np.float64(row[j]) - sh[j]
+                    a1[j] += d
+                    a2[j] += d * d
     coef = np.empty((3, C), dtype=x.dtype)  # mean, scale, shift in x's dtype
     for c in range(C):
         s1 = 0.0
@@ -282,16 +284,18 @@ def nlc_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu):
         part = np.zeros((splits, 2, C))  # splits,2,C: partial sums per row block
         for s in prange(splits):
             r0, r1 = _rows(s, splits, R)
-            acc = part[s]  # 2,C
             for c0 in range(0, C, _COLUMN_BLOCK):
                 c1 = min(c0 + _COLUMN_BLOCK, C)
+                a1 = part[s, 0, c0:c1]  # block of C
+                a2 = part[s, 1, c0:c1]  # block of C
+                mb = mean64[c0:c1]  # block of C
                 for r in range(r0, r1):
-                    gr = dy[r]  # C
-                    xr = x[r]  # C
-                    for c in range(c0, c1):
-                        g = np.float64(gr[c])
-                        acc[0, c] += g
-                        acc[1, c] += g * (np.float64(xr[c]) - mean64[c])
+                    gr = dy[r, c0:c1]  # block of C
+                    xr = x[r, c0:c1]  # block of C
+                    for j in range(gr.shape[0]):
+                        g = np.float64(gr[j])
+                        a1[j] += g
+                        a2[j] += g * (np.float64(xr[j]) - mb[j])
         for c in range(C):
             s1 = 0.0
             s2 = 0.0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import mmap
 import os
 import threading
 import time
@@ -40,6 +41,7 @@ CHANNELS_PER_THREAD = 4
 # nlc: row blocks per thread.
 BLOCKS_PER_THREAD = 4
 
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 _launch = threading.Lock()  # one parallel launch at a time (the workqueue layer needs it)
 _state = {"forked": False, "launched": False, "announced": False}
 
@@ -113,6 +115,24 @@ def _view(t: Tensor, layout: str) -> np.ndarray:
     return a.transpose(0, 2, 1).reshape(-1, a.shape[1])  # N*L,C: a view, as t is dense channels-last
 
 
+# Outputs of at least this many bytes are mapped on their own with transparent huge
+# pages requested: a fresh 100 MB tensor otherwise costs ~25k page faults, which on
+# a small machine take longer than the kernel itself.
+HUGE_PAGE_MIN_BYTES = 1 << 22
+_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
+
+
+def _empty_like(x: Tensor) -> Tensor:
+    """An uninitialized tensor with x's shape and strides (x is dense)."""
+    nbytes = x.numel() * x.element_size()
+    if nbytes < HUGE_PAGE_MIN_BYTES or not _HUGE_PAGES:
+        return torch.empty_like(x)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer.madvise(mmap.MADV_HUGEPAGE)
+    flat = torch.from_numpy(np.frombuffer(buffer, dtype=_NP_DTYPE[x.dtype]))  # owns the mapping
+    return torch.empty(0, dtype=x.dtype).set_(flat.untyped_storage(), 0, x.shape, x.stride())
+
+
 def _like(t: Tensor, layout: str) -> Tensor:
     """``t`` copied, if needed, into ``layout`` (for a gradient that arrives in another layout)."""
     if layout == "ncl":
@@ -120,9 +140,6 @@ def _like(t: Tensor, layout: str) -> Tensor:
     if t.permute(0, 2, 1).is_contiguous():
         return t
     return t.permute(0, 2, 1).contiguous().permute(0, 2, 1)
-
-
-_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _vec(v: Tensor | None, c: int, dtype: torch.dtype, fill: float) -> np.ndarray:
@@ -173,7 +190,7 @@ class NumbaBackend(Backend):
             var.fill_(float("nan"))
             return (torch.empty_like(x) if write_y else None), mean, var
         layout, x = _layout(x)
-        y = torch.empty_like(x) if write_y else x
+        y = _empty_like(x) if write_y else x
         xa, ya = _view(x, layout), _view(y, layout)
         w, b = _vec(weight, c, x.dtype, 1.0), _vec(bias, c, x.dtype, 0.0)
         ma, va = mean.numpy(), var.numpy()
@@ -186,7 +203,7 @@ class NumbaBackend(Backend):
     def apply(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         c = x.shape[1]
         layout, x = _layout(x)
-        y = torch.empty_like(x)
+        y = _empty_like(x)
         if x.numel() == 0:
             return y
         xa, ya = _view(x, layout), _view(y, layout)
@@ -238,7 +255,7 @@ class NumbaBackend(Backend):
             return torch.empty_like(x), out_dy, out_dyxmu
         layout, x = _layout(x)
         dy = _like(dy.to(dtype), layout)
-        dx = torch.empty_like(x) if mode != 0 else x
+        dx = _empty_like(x) if mode != 0 else x
         xa, ga, dxa = _view(x, layout), _view(dy, layout), _view(dx, layout)
         ma, sa = _vec(mean, c, dtype, 0.0), _vec(invstd, c, dtype, 1.0)
         w = _vec(weight, c, dtype, 1.0)
