@@ -247,6 +247,9 @@ def _bench_one(case: Case, mode: str, device, dtype, repeats: int, with_compile:
     x.requires_grad_(mode == "train-fwdbwd")
     impls = {"ours": ours, "torch": theirs}
     if with_compile:
+        # A fresh start per case: shapes specialized as in a whole-model graph, and no
+        # silent fall-back to eager once the recompilation limit is reached.
+        torch._dynamo.reset()
         compiled = _layers(case, device, dtype)[1]
         compiled.load_state_dict(theirs.state_dict())
         impls["compile"] = torch.compile(compiled)
