@@ -156,6 +156,16 @@ def test_digits_is_embedded_and_fixed():
     np.testing.assert_array_equal(a.x_test, b.x_test)
     np.testing.assert_array_equal(np.bincount(a.y_test), np.bincount(b.y_test))
     assert np.bincount(a.y_test).min() >= 40  # stratified: every class well represented
+    # the very images and labels scikit-learn serves (read from its file without importing it)
+    from sklearn.datasets import load_digits
+
+    sk = load_digits()
+    ours = np.concatenate([a.x_train, a.x_test]).reshape(-1, 64) * 16
+    labels = np.concatenate([a.y_train, a.y_test])
+    key = np.lexsort(np.column_stack([ours, labels]).T)
+    sk_key = np.lexsort(np.column_stack([sk.data, sk.target]).T)
+    np.testing.assert_allclose(ours[key], sk.data[sk_key], atol=1e-5)
+    np.testing.assert_array_equal(labels[key], sk.target[sk_key])
 
 
 @pytest.mark.parametrize(

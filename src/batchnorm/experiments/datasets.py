@@ -9,6 +9,7 @@ read; anything missing or malformed raises one-line ``FileNotFoundError`` /
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import pickle
 import struct
 from dataclasses import dataclass
@@ -54,16 +55,34 @@ def load(spec: str) -> Dataset:
     return load_cifar10(path) if name == "cifar10" else load_mnist(path, name)
 
 
-def load_digits() -> Dataset:
-    """scikit-learn's 1797 8x8 digits (0..16), split 1347/450, stratified, fixed."""
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
+def _digits_file() -> Path:
+    # the CSV scikit-learn ships; located without importing sklearn (seconds of import time)
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded digits dataset needs scikit-learn: pip install 'batchnorm[demo]'")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"scikit-learn's digits data is missing: {path}")
+    return path
 
-    digits = sk_digits()
-    x = (digits.images.astype(np.float32) / 16.0)[:, None]  # N,1,8,8
-    y = digits.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=450, random_state=0, stratify=y)
-    return Dataset("digits", x_train, y_train, x_test, y_test, 10)
+
+def load_digits(test_size: int = 450) -> Dataset:
+    """scikit-learn's 1797 8x8 digits (0..16), split 1347/450, stratified by class, the same every time."""
+    table = np.loadtxt(_digits_file(), delimiter=",", dtype=np.float32)  # N, 64 pixels + label
+    if table.ndim != 2 or table.shape[1] != 65:
+        raise ValueError(f"unexpected digits data of shape {table.shape}")
+    x = (table[:, :64] / 16.0).reshape(-1, 1, 8, 8)  # N,1,8,8
+    y = table[:, 64].astype(np.int64)
+    # stratified split from a fixed permutation: each class gives its share of the test set
+    order = np.random.RandomState(0).permutation(len(y))
+    classes, sizes = np.unique(y, return_counts=True)
+    quota = sizes * test_size / len(y)
+    counts = np.floor(quota).astype(int)
+    counts[np.argsort(counts - quota)[: test_size - counts.sum()]] += 1  # largest remainders round up
+    test = np.zeros(len(y), dtype=bool)
+    for c, count in zip(classes, counts, strict=True):
+        test[order[y[order] == c][:count]] = True
+    return Dataset("digits", x[~test], y[~test], x[test], y[test], 10)
 
 
 # --- IDX (MNIST, Fashion-MNIST) -------------------------------------------------

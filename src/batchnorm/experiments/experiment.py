@@ -47,13 +47,13 @@ class Config:
     init_std: float = 0.05  # "small Gaussian initialization"; the paper gives no value
     mlp_steps: int = 2000
     mlp_lr: float = 3.0
-    cnn_steps: int = 600
-    cnn_lr: float = 0.1
+    cnn_steps: int = 400
+    cnn_lr: float = 0.2
     eval_every: int = 25
     ics_points: int = 16  # steps at which the gradient ICS is measured
     sweep_lrs: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
     sweep_seeds: int = 2
-    sweep_steps: int = 2000
+    sweep_steps: int = 1500
     sweep_eval_every: int = 50
     target: float = 0.9  # test accuracy whose first step is reported
     probe_size: int = 1000  # test images behind each percentile record
@@ -63,7 +63,7 @@ class Config:
     @classmethod
     def quick(cls, **overrides: Any) -> Config:
         base = dict(mlp_steps=200, cnn_steps=100, eval_every=20, ics_points=4, sweep_lrs=(0.1, 1.0, 3.0, 10.0, 100.0),
-                    sweep_seeds=2, sweep_steps=200, sweep_eval_every=20, single_limit=450)  # fmt: skip
+                    sweep_seeds=2, sweep_steps=200, sweep_eval_every=20, single_limit=100)  # fmt: skip
         base.update(overrides)
         return cls(**base)
 

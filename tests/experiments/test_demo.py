@@ -1,0 +1,145 @@
+"""``batchnorm demo`` end to end: a short run writes a complete, reproducible run folder; bad input gives one line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchnorm import cli
+
+# a --quick run made shorter still: every part runs, in a few seconds
+TINY = ["--quick", "--steps", "40", "--cnn-steps", "20", "--sweep-steps", "30", "--lrs", "0.1,1,10", "--seeds", "2",
+        "--no-progress"]  # fmt: skip
+
+
+def strip_timing(results: dict) -> dict:
+    results = dict(results)
+    results.pop("timing_seconds")
+    for part in ("mlp", "cnn", "sweep"):
+        for arm in results[part]["arms"].values():
+            arm.pop("seconds")
+    return results
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert cli.main(["demo", *TINY, "--out", str(out), "--seed", "3"]) == 0
+    return out
+
+
+def test_run_folder_is_complete(tiny_run, capsys):
+    names = {p.name for p in tiny_run.iterdir()}
+    figures = {f"{part}_{kind}.png" for part in ("mlp", "cnn") for kind in ("curves", "percentiles", "drift", "ics")}
+    assert names == figures | {"lr_sweep.png", "results.json", "report.html"}
+    assert all((tiny_run / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
+    results = json.loads((tiny_run / "results.json").read_text())  # strict JSON: no NaN
+    assert results["config"]["mlp_steps"] == 40 and results["config"]["seed"] == 3
+    assert results["mlp"]["arms"]["bn"]["steps"][-1] == 40
+    sweep = results["sweep"]["arms"]["bn"]["per_lr"]
+    assert [p["lr"] for p in sweep] == [0.1, 1.0, 10.0] and all(len(p["runs"]) == 2 for p in sweep)
+    inference = results["mlp"]["arms"]["bn"]["inference"]
+    assert inference["folded_same_predictions"] is True and inference["folded_max_abs_logit_diff"] < 1e-3
+    assert inference["single_image_batch_stats_distinct_predictions"] == 1  # BN on one image: output = shift
+    ics = results["mlp"]["arms"]["plain"]["ics"]["layers"]
+    assert list(ics) == ["layer1", "layer2", "layer3", "layer4"] and ics["layer1"]["diff_norm"][0] == 0.0
+    page = (tiny_run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 9 and "What this run shows" in page
+    assert not list(tiny_run.parent.glob(".run-*"))  # no temporary folder left behind
+
+
+def test_same_seed_same_numbers(tiny_run, tmp_path, capsys):
+    again = tmp_path / "again"
+    assert cli.main(["demo", *TINY, "--out", str(again), "--seed", "3", "--skip", ""]) == 0
+    first = strip_timing(json.loads((tiny_run / "results.json").read_text()))
+    second = strip_timing(json.loads((again / "results.json").read_text()))
+    assert first == second
+    printed = capsys.readouterr().out
+    assert "MLP steps to 90%" in printed and "report:" in printed
+
+
+def test_rerun_replaces_an_earlier_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    (out / "stale.png").write_text("old")
+    args = ["demo", *TINY, "--skip", "cnn,sweep", "--out", str(out)]
+    assert cli.main(args) == 0
+    assert not (out / "stale.png").exists() and "sweep" not in json.loads((out / "results.json").read_text())
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("batchnorm: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--steps", "-5"], "mlp-steps must be positive"),
+        (["--sweep-steps", "0"], "sweep-steps must be positive"),
+        (["--lrs", ""], "learning-rate list is empty"),
+        (["--lrs", "0.1,abc"], "--lrs must be comma-separated numbers"),
+        (["--lrs", "0.1,-1"], "learning rates must be positive"),
+        (["--lr", "nan"], "learning rates must be positive"),
+        (["--seeds", "0"], "sweep-seeds must be positive"),
+        (["--steps", "ten"], "invalid int value: 'ten'"),
+        (["--skip", "mlp"], "cannot skip ['mlp']"),
+        (["--data", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--data", "mnist:/does/not/exist"], "dataset folder not found"),
+        (["--threads", "0"], "--threads must be positive"),
+    ],
+)
+def test_bad_options_fail_with_one_line(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert cli.main(["demo", *TINY, "--out", str(out), *extra]) == 1
+    assert message in one_error_line(capsys)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing written, nothing left behind
+
+
+def test_corrupt_dataset_fails_before_training(tmp_path, capsys):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):  # fmt: skip
+        (data / f"{name}.gz").write_bytes(gzip.compress(b"\0\0\x08\x03" + b"\0\0\0\x05" * 3 + b"\1" * 7))
+    out = tmp_path / "run"
+    assert cli.main(["demo", *TINY, "--data", f"mnist:{data}", "--out", str(out)]) == 1
+    assert "corrupt IDX file" in one_error_line(capsys)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mnist"]
+
+
+def test_unwritable_or_foreign_output(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["demo", *TINY, "--out", str(blocker / "run")]) == 1
+    assert "cannot write output folder" in one_error_line(capsys)
+    assert cli.main(["demo", *TINY, "--out", str(blocker)]) == 1
+    assert "is not a folder" in one_error_line(capsys)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    assert cli.main(["demo", *TINY, "--out", str(foreign)]) == 1
+    assert "not empty" in one_error_line(capsys)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+
+def test_command_line_error_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchnorm.cli", "demo", "--quick", "--lrs", ",", "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == ["batchnorm: error: the learning-rate list is empty"]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
