@@ -21,6 +21,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Sizes and counts are not specialized on (no recompiling per layer shape for
+# their divisibility); strides are, so unit and 16-aligned strides vectorize.
+
 
 @triton.jit
 def _chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
@@ -59,7 +62,7 @@ def _reduce_nl(v):
 # split kernels: grid (channel blocks, S), each program a range of tiles
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "L", "tiles_l", "tiles_total", "tiles_per_prog", "S"])
 def partial_stats(
     x_ptr,  # N,C,L strided
     part_ptr,  # 3,S,C float32: mean of x - x[0, c, 0], m2, count per split
@@ -96,7 +99,7 @@ def partial_stats(
     tl.store(out + 2 * S * C, cnt, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "L", "tiles_l", "tiles_total", "tiles_per_prog", "S"])
 def partial_grad(
     dy_ptr,  # N,C,L strided like x
     x_ptr,  # N,C,L strided
@@ -131,7 +134,7 @@ def partial_grad(
     tl.store(out + S * C, _reduce_nl(sum_dy_xmu), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "L", "tiles_l", "tiles_total", "tiles_per_prog"])
 def affine(
     x_ptr,  # N,C,L strided
     dy_ptr,  # N,C,L strided (read only if HAS_DY)
@@ -171,7 +174,7 @@ def affine(
 # finalize kernels: grid (channel blocks,), merge the S partials of each channel
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "C", "eps"])
 def finalize_stats(
     part_ptr,  # 3,S,C float32 from partial_stats
     x_ptr,  # N,C,L: the shift x[0, c, 0] the partials are relative to
@@ -211,7 +214,7 @@ def finalize_stats(
         tl.store(coef_ptr + C + c, shift, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "C", "count"])
 def finalize_grad(
     part_ptr,  # 2,S,C float32 from partial_grad
     mean_ptr, invstd_ptr, w_ptr,  # C
@@ -259,7 +262,7 @@ def _store_dx_coefficients(coef_ptr, mean_ptr, invstd_ptr, w_ptr, sum_dy, sum_dy
 # single-pass kernels: grid (channel blocks,), the whole N x L slice in one tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "L", "count", "eps"])
 def forward_single(
     x_ptr,  # N,C,L strided
     y_ptr,  # N,C,L strided (written if WRITE_Y)
@@ -293,7 +296,7 @@ def forward_single(
         tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "L", "count"])
 def backward_single(
     dy_ptr, x_ptr,  # N,C,L strided
     dx_ptr,  # N,C,L strided (written if WRITE_DX)
