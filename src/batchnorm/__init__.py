@@ -12,9 +12,10 @@ from .convert import convert
 from .fuse import fuse
 from .kernels import backend
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "backend", "convert", "functional", "fuse",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "backend", "convert", "functional", "fuse",
     "reference",
 ]  # fmt: skip
 __version__ = "0.1.0"

@@ -2,7 +2,8 @@
 
 The new layer takes over the very same parameter and buffer tensors (so an
 optimizer built before the swap keeps working), the train/eval state and the
-hooks; nothing is copied or re-initialized.
+hooks; nothing is copied or re-initialized. ``SyncBatchNorm`` maps to ours one
+way and reverts to a plain ``BatchNormXd`` the other (torch has no revert).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import modules
+from . import modules, sync
 
 __all__ = ["convert"]
 
@@ -18,8 +19,11 @@ _TORCH_TO_OURS: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: modules.BatchNorm1d,
     nn.BatchNorm2d: modules.BatchNorm2d,
     nn.BatchNorm3d: modules.BatchNorm3d,
+    nn.SyncBatchNorm: sync.SyncBatchNorm,
 }
 _OURS_TO_TORCH = {ours: theirs for theirs, ours in _TORCH_TO_OURS.items()}
+# torch's SyncBatchNorm refuses CPU tensors and CPU DDP: ours reverts to a plain layer
+_OURS_TO_TORCH[sync.SyncBatchNorm] = None  # chosen per layer by sync.plain_class
 _TARGETS = {"batchnorm": _TORCH_TO_OURS, "torch": _OURS_TO_TORCH}
 # the hook registries of nn.Module that the new layer takes over (the handles stay valid)
 _HOOK_DICTS = (
@@ -39,20 +43,28 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
     Args:
         model: any module; if it is itself a batch-norm layer, the replacement
             is returned.
-        to: ``"batchnorm"`` swaps ``torch.nn.BatchNorm1d/2d/3d`` for ours;
-            ``"torch"`` swaps ours back.
+        to: ``"batchnorm"`` swaps ``torch.nn.BatchNorm1d/2d/3d`` and
+            ``torch.nn.SyncBatchNorm`` for ours (the process group is kept);
+            ``"torch"`` swaps ours back, and reverts our ``SyncBatchNorm`` to
+            ``torch.nn.BatchNorm1d/2d/3d`` (the dimension of the layer it was
+            converted from, else of the last input it saw).
     """
     if to not in _TARGETS:
         raise ValueError(f"convert(to=...) expects one of {sorted(_TARGETS)}, got {to!r}")
     mapping = _TARGETS[to]
     if type(model) in mapping:
-        return _swap(model, mapping[type(model)])
+        target = mapping[type(model)] or sync.plain_class(model, torch_layers=True)
+        new = swap_layer(model, target)
+        if isinstance(new, sync.SyncBatchNorm):
+            new.process_group = model.process_group
+        return new
     for name, child in list(model.named_children()):
         setattr(model, name, convert(child, to))
     return model
 
 
-def _swap(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
+def swap_layer(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
+    """A ``new_cls`` layer holding ``old``'s tensors, mode and hooks (nothing copied)."""
     new = new_cls(
         old.num_features,
         old.eps,

@@ -1,0 +1,383 @@
+"""``SyncBatchNorm``: batch statistics over every rank of a ``torch.distributed``
+process group, on any backend (gloo on CPU, NCCL on GPU, ...) and any compute
+backend of this library. One collective per direction: an ``all_gather`` of the
+packed per-rank ``[mean, var, count]`` in the forward, an ``all_reduce`` of the
+packed ``[sum_dy, sum_dy_xmu]`` in the backward. Outside training, at world size
+1 or without an initialized process group, it is the plain layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import kernels, modules
+from ._checks import ShapeError, check_input
+from ._layout import as_ncl, output_memory_format, prepare, restore
+from .functional import update_running_stats
+from .kernels import stats_dtype
+from .kernels.base import affine_from_stats
+
+Tensor = torch.Tensor
+
+__all__ = ["SyncBatchNorm", "sync_batch_norm"]
+
+# input rank -> the BatchNormXd a SyncBatchNorm reverts to
+_DIM_OF_RANK = {2: 1, 3: 1, 4: 2, 5: 3}
+_PLAIN_OURS = {1: modules.BatchNorm1d, 2: modules.BatchNorm2d, 3: modules.BatchNorm3d}
+_PLAIN_TORCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+# ---------------------------------------------------------------------------
+# collectives and the merge
+
+
+def _default_group(process_group):
+    return process_group if process_group is not None else dist.group.WORLD
+
+
+def sync_world_size(process_group=None) -> int:
+    """Ranks that share statistics: 1 without an initialized process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(_default_group(process_group))
+
+
+def _pack_dtype(device: torch.device) -> torch.dtype:
+    # the exchanged tensor is 2C+1 numbers: float64 costs nothing and keeps the
+    # counts exact (to 2**53) and the merge stable; MPS has no float64
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _all_gather(local: Tensor, group, world: int) -> Tensor:
+    """``(world, *local.shape)``: every rank's ``local``, in group-rank order."""
+    gather_single = getattr(dist, "all_gather_single", None)
+    if gather_single is not None:
+        out = local.new_empty(world * local.numel())
+        gather_single(out, local.flatten(), group=group)
+        return out.view(world, *local.shape)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    return torch.stack(parts)
+
+
+def agree_on_channels(channels: int, device: torch.device, process_group=None) -> None:
+    """Raise the same ``ShapeError`` on every rank if the ranks' channel counts differ.
+
+    A layer runs this once per process group before its first synchronized
+    batch: the statistics exchange needs the same tensor size on every rank,
+    and a collective with mismatched sizes fails unclearly or hangs.
+    """
+    group = _default_group(process_group)
+    world = dist.get_world_size(group)
+    seen = _all_gather(torch.tensor([channels], dtype=torch.int64, device=device), group, world).flatten().tolist()
+    if any(c != channels for c in seen):
+        listing = ", ".join(f"rank {r}: {c}" for r, c in enumerate(seen))
+        raise ShapeError(
+            f"SyncBatchNorm: the ranks of the process group disagree on the number of channels ({listing}); "
+            "every rank must run the same model"
+        )
+
+
+def _merge(gathered: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Global ``(mean, biased var, count per rank)`` from the gathered ``(W, 2C+1)`` rows.
+
+    Chan et al.'s parallel merge, in the pack dtype: with ``n_r`` values,
+    mean ``m_r`` and biased variance ``v_r`` on rank ``r`` and ``n = sum n_r``,
+    ``mean = sum n_r m_r / n`` and
+    ``var = (sum n_r v_r + sum n_r (m_r - mean)^2) / n``: the spread within each
+    rank plus the spread of the rank means, both taken around the merged mean
+    (no ``E[x^2] - E[x]^2`` cancellation). A rank with no samples sends zeros
+    and weighs zero, so uneven and empty ranks need no special case.
+    """
+    means, vars_, counts = gathered[:, :channels], gathered[:, channels : 2 * channels], gathered[:, -1:]  # W,C W,C W,1
+    total = counts.sum(0)  # 1
+    weights = counts / total.clamp(min=1)  # W,1: n_r / n
+    mean = (weights * means).sum(0)  # C
+    var = (weights * (vars_ + (means - mean) ** 2)).sum(0)  # C
+    return mean, var, counts.flatten()
+
+
+# ---------------------------------------------------------------------------
+# autograd: normalize with global statistics; backward with one all_reduce
+
+
+class _SyncNormalize(torch.autograd.Function):
+    """``y = (x - mean) * invstd * weight + bias`` with the global ``mean``/``invstd``
+    as constants; the backward restores their dependence on every rank's input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, total, group):
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total, ctx.group, ctx.has_bias = total, group, bias is not None
+        if x.numel() == 0:
+            return torch.empty_like(x, memory_format=output_memory_format(x))
+        x3 = as_ncl(x)
+        scale, shift = affine_from_stats(mean, invstd, weight, bias)
+        return restore(kernels.select(x3).apply(x3, scale, shift), x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        x3 = as_ncl(x)
+        dy3 = as_ncl(dy.contiguous(memory_format=output_memory_format(x)))
+        local = x3.shape[0] * x3.shape[2]
+        backend = kernels.select(x3)
+        if local > 0:
+            sum_dy, sum_dy_xmu = backend.backward_reduce(dy3, x3, mean)  # C, C (this rank's values)
+        else:
+            sum_dy, sum_dy_xmu = torch.zeros_like(mean), torch.zeros_like(mean)
+        # always all_reduce, even when x needs no gradient, so every rank runs the same collectives
+        packed = torch.cat([sum_dy, sum_dy_xmu])  # 2C
+        dist.all_reduce(packed, group=ctx.group)
+        global_dy, global_dy_xmu = packed.chunk(2)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if local > 0:
+                # backward_apply divides the sums by the LOCAL count; the global sums
+                # belong over the global count, so pass sum * local / total
+                ratio = local / ctx.total
+                dx3 = backend.backward_apply(dy3, x3, mean, invstd, weight, global_dy * ratio, global_dy_xmu * ratio)
+                dx = restore(dx3, x)
+            else:
+                dx = torch.empty_like(x, memory_format=output_memory_format(x))
+        # parameter gradients stay this rank's share; DistributedDataParallel sums them over ranks
+        dweight = None if weight is None else (sum_dy_xmu * invstd).to(weight.dtype)
+        dbias = sum_dy.to(weight.dtype if weight is not None else mean.dtype) if ctx.has_bias else None
+        return dx, dweight, dbias, None, None, None, None
+
+
+# ---------------------------------------------------------------------------
+# functional form
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    process_group=None,
+    *,
+    num_batches_tracked: Tensor | None = None,
+    skip_nonfinite: bool = True,
+    nonfinite_count: Tensor | None = None,
+) -> Tensor:
+    """Training-mode batch norm with the statistics of the global batch (every rank's input).
+
+    Each rank computes its per-channel mean and biased variance with the
+    selected compute backend; one ``all_gather`` exchanges ``[mean, var, count]``
+    (``2C + 1`` numbers per rank, float64) and each rank merges them
+    identically (see ``_merge``). The per-rank counts are read to the host
+    (``W`` numbers), so every rank takes the same decision for an empty global
+    batch (empty output, ``num_batches_tracked`` still counted) or a single
+    value per channel (``ValueError`` on every rank), and the running update
+    gets the global count. The result equals :func:`batchnorm.functional.batch_norm`
+    on the concatenation of the ranks' inputs.
+
+    Every rank of ``process_group`` must call this with the same number of
+    channels, and must run the backward if any rank does (it holds one
+    ``all_reduce``). Double backward is not supported.
+    """
+    group = _default_group(process_group)
+    world = dist.get_world_size(group)
+    # every check of the functional form except "more than 1 value per channel",
+    # which is about the global batch and is decided after the exchange
+    check_input(input[:0], running_mean, running_var, weight, bias, True, eps)
+    x = prepare(input)
+    x3 = as_ncl(x)
+    channels, local = x3.shape[1], x3.shape[0] * x3.shape[2]
+    sdtype, pdtype = stats_dtype(x.dtype), _pack_dtype(x.device)
+    with torch.no_grad():  # the statistics' dependence on x is _SyncNormalize's backward
+        if local == 1:  # one value per channel (legal here, not in plain BN): no kernel needed
+            mean = x3[0, :, 0].to(sdtype)  # C
+            var = torch.zeros_like(mean)  # C
+        if local > 1:
+            mean, var = kernels.select(x3).stats(x3)  # C, C
+        if local > 0:
+            count = torch.full((1,), float(local), dtype=pdtype, device=x.device)
+            packed = torch.cat([mean.to(pdtype), var.to(pdtype), count])  # 2C+1
+        else:
+            packed = torch.zeros(2 * channels + 1, dtype=pdtype, device=x.device)
+        mean, var, counts = _merge(_all_gather(packed, group, world), channels)
+    total = round(sum(counts.tolist()))  # the one host read: W numbers
+    if total == 0:  # as batch_norm on an empty batch: nothing to learn, the batch still counts
+        if num_batches_tracked is not None and running_mean is not None:
+            num_batches_tracked.add_(1)
+        return input.clone(memory_format=output_memory_format(input))
+    if total == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got 1 value per channel over the "
+            f"{world} ranks of the process group (this rank's input size {input.size()})"
+        )
+    mean, var = mean.to(sdtype), var.to(sdtype)
+    invstd = torch.rsqrt(var + eps)  # (no grad: computed from the gathered statistics)
+    y = _SyncNormalize.apply(x, weight, bias, mean, invstd, total, group)
+    if running_mean is not None or running_var is not None:
+        update_running_stats(
+            running_mean, running_var, mean, var, total, momentum, num_batches_tracked, skip_nonfinite, nonfinite_count
+        )
+    return y
+
+
+# ---------------------------------------------------------------------------
+# the module
+
+
+class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics span every rank of a process group.
+
+    Same constructor, buffers and ``state_dict`` keys as
+    :class:`torch.nn.SyncBatchNorm` (checkpoints load both ways), plus
+    ``skip_nonfinite`` (see :class:`batchnorm.BatchNorm2d`). Unlike torch's it
+    runs on any ``torch.distributed`` backend and device (gloo on CPU included),
+    with uneven and empty per-rank batches; see :func:`sync_batch_norm`.
+
+    It subclasses torch's ``_BatchNorm`` (so ``isinstance`` checks for batch
+    norm hold) but not ``torch.nn.SyncBatchNorm``: DistributedDataParallel
+    refuses CPU modules that contain one of those.
+
+    Synchronizes only in training mode when ``torch.distributed`` is
+    initialized and the group has more than one rank; otherwise it is the plain
+    layer (eval uses the running estimates, which are identical on every rank).
+    Before its first synchronized batch in a group, the layer checks once that
+    every rank has the same number of channels (one extra small collective).
+
+    Args:
+        process_group: the ranks that share statistics (default: the whole world).
+        others: as :class:`batchnorm.BatchNorm2d`.
+
+    Shape:
+        - Input: ``(N, C, *)``; ``N`` may differ between ranks and may be 0
+        - Output: same shape (and memory format) as the input
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        skip_nonfinite: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, skip_nonfinite=skip_nonfinite,
+        )  # fmt: skip
+        self.process_group = process_group
+        self.dim_hint: int | None = None  # 1, 2 or 3: the BatchNormXd this layer reverts to
+        self._channels_agreed: tuple[int, int] | None = None  # (id of group, world) checked
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if input.shape[1] == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+        self.dim_hint = _DIM_OF_RANK.get(input.dim(), self.dim_hint)
+        world = sync_world_size(self.process_group) if self.training else 1
+        if world == 1:
+            return super().forward(input)
+        if input.shape[1] != self.num_features:
+            raise ShapeError(f"SyncBatchNorm({self.num_features}) got an input with {input.shape[1]} channels")
+        group = _default_group(self.process_group)
+        if self._channels_agreed != (id(group), world):
+            agree_on_channels(self.num_features, input.device, group)
+            self._channels_agreed = (id(group), world)
+        update = self.track_running_stats
+        return sync_batch_norm(
+            input,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.weight,
+            self.bias,
+            self.momentum,
+            self.eps,
+            group,
+            num_batches_tracked=self.num_batches_tracked if update else None,
+            skip_nonfinite=self.skip_nonfinite,
+            nonfinite_count=self.num_nonfinite_batches if update else None,
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Replace every batch-norm layer of ``module`` with ``SyncBatchNorm``; return the model.
+
+        Takes ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and
+        this library's layers (subclasses other than these are left alone).
+        The new layer keeps the very same parameter and buffer tensors, the
+        train/eval mode and the hooks; if ``module`` is itself such a layer the
+        replacement is returned. Convert before wrapping in DDP.
+        """
+        from .convert import swap_layer
+
+        if type(module) in _CONVERTIBLE:
+            new = swap_layer(module, cls)
+            new.process_group = process_group
+            new.skip_nonfinite = getattr(module, "skip_nonfinite", True)
+            new.dim_hint = _dim_of(module)
+            counter = getattr(module, "num_nonfinite_batches", None)
+            if counter is not None and new.num_nonfinite_batches is not None:
+                new.num_nonfinite_batches = counter
+            if hasattr(module, "qconfig"):
+                new.qconfig = module.qconfig
+            return new
+        for name, child in list(module.named_children()):
+            setattr(module, name, cls.convert_sync_batchnorm(child, process_group))
+        return module
+
+    @classmethod
+    def revert_sync_batchnorm(cls, module: nn.Module) -> nn.Module:
+        """Replace every ``SyncBatchNorm`` (ours or torch's) with this library's plain
+        ``BatchNorm1d/2d/3d``, same tensors; ``batchnorm.convert(model, to="torch")``
+        gives torch's plain layers instead."""
+        from .convert import swap_layer
+
+        if type(module) in (cls, nn.SyncBatchNorm):
+            new = swap_layer(module, plain_class(module, torch_layers=False))
+            new.skip_nonfinite = getattr(module, "skip_nonfinite", True)
+            return new
+        for name, child in list(module.named_children()):
+            setattr(module, name, cls.revert_sync_batchnorm(child))
+        return module
+
+
+_CONVERTIBLE = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    modules.BatchNorm1d, modules.BatchNorm2d, modules.BatchNorm3d, SyncBatchNorm,
+)  # fmt: skip
+
+
+def _dim_of(layer: nn.Module) -> int | None:
+    for dim, (ours, theirs) in enumerate(zip(_PLAIN_OURS.values(), _PLAIN_TORCH.values(), strict=True), start=1):
+        if isinstance(layer, ours | theirs):
+            return dim
+    return getattr(layer, "dim_hint", None)
+
+
+def plain_class(layer: nn.Module, torch_layers: bool) -> type[nn.Module]:
+    """The ``BatchNormXd`` (torch's or ours) that a synchronized ``layer`` reverts to.
+
+    The dimension is the one of the layer it was converted from, else of the
+    last input it saw; a layer that has neither raises.
+    """
+    dim = _dim_of(layer)
+    if dim is None:
+        raise ValueError(
+            f"cannot tell whether {type(layer).__name__}({layer.num_features}) should become BatchNorm1d, 2d or 3d: "
+            "it was not converted from one and has seen no input; run one forward pass (any mode) first"
+        )
+    return (_PLAIN_TORCH if torch_layers else _PLAIN_OURS)[dim]
