@@ -250,10 +250,10 @@ def _sweep(data: Dataset, cfg: Config, progress: Callable[[int], None] | None) -
 
 
 def _status(runs: list[dict[str, Any]]) -> str:
-    """'trains' when every seed reaches the target, 'diverged' when any run diverged, else 'slow'."""
+    """'trains' when every seed reaches the target, 'diverged' when any run diverged, else 'fails'."""
     if any(r["diverged_at"] is not None for r in runs):
         return "diverged"
-    return "trains" if all(r["steps_to_target"] is not None for r in runs) else "slow"
+    return "trains" if all(r["steps_to_target"] is not None for r in runs) else "fails"
 
 
 def run_experiment(data: Dataset, cfg: Config, progress: Callable[[str], Callable[[int], None] | None] | None = None):
@@ -312,8 +312,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             }
             s["ics_mean_cosine"] = {n: float(np.nanmean(v["cosine"])) for n, v in layers.items()}
             last = r["inputs"]["last_hidden"]
-            pct = np.asarray(r["inputs"]["layers"][last]["unit_percentiles"])  # R,3
-            s["last_hidden_median_range"] = [float(pct[:, 1].min()), float(pct[:, 1].max())]
+            pct = np.asarray(r["inputs"]["layers"][last]["unit_percentiles"])[1:]  # R-1,3 (after step 0)
+            half = pct[len(pct) // 2 :]
+            s["last_hidden_median_range"] = _range(pct[:, 1])
+            s["last_hidden_median_range_second_half"] = _range(half[:, 1])
             drift = r["inputs"]["layers"][last]["drift_mean_shift"]
             s["last_hidden_mean_drift_total"] = float(np.sum(drift))
     if "sweep" in results:
@@ -324,7 +326,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             s["median_steps_to_target"] = {
                 str(p["lr"]): _median([run["steps_to_target"] for run in p["runs"]]) for p in r["per_lr"]
             }
+            reached = [(v, float(lr)) for lr, v in s["median_steps_to_target"].items() if v is not None]
+            s["fastest"] = {"median_steps_to_target": min(reached)[0], "lr": min(reached)[1]} if reached else None
     return summary
+
+
+def _range(values: np.ndarray) -> list[float] | None:
+    return [float(values.min()), float(values.max())] if len(values) else None
 
 
 def _median(values: list[int | None]) -> float | None:
