@@ -271,7 +271,7 @@ def test_interpreter_suite_in_a_fresh_process():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("shape", [(32, 64, 56, 56), (16, 256, 14, 14), (64, 2048, 7, 7), (256, 1024)])
+@pytest.mark.parametrize("shape", [(32, 64, 56, 56), (64, 2048, 7, 7), (256, 1024)])
 def test_gpu_matches_torch_on_resnet_shapes(shape, memory_format, dtype, atol, rtol):
     if len(shape) == 2 and memory_format == torch.channels_last:
         pytest.skip("channels_last needs 4-D input")

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU check of the triton backend, in one run of at most ~8 minutes, offline:
+#   1. the GPU tests for real (pytest -m gpu), compiled kernels on the device;
+#   2. the triton test file compiled on the GPU (no interpreter): odd shapes, both paths;
+#   3. benchmarks/gpu_bench.py: ours vs torch eager vs torch.compile on ResNet-50's
+#      BN shapes at batch 256, bfloat16 and float32, NCHW and channels-last.
+# Everything lands in OUT_DIR (default gpu-results/): env.txt, pytest-*.txt,
+# gpu_bench.md (the table), gpu_bench.csv, gpu_bench.log, summary.txt.
+#
+# usage: bash benchmarks/gpu_check.sh [OUT_DIR]
+#        GPU_CHECK_TOTAL_S=470 (the whole run's budget, seconds)
+#        GPU_CHECK_DRY=1 (no GPU: runs the same steps on CPU, a tiny benchmark; for testing this script)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-gpu-results}"
+mkdir -p "$OUT"
+TOTAL_S="${GPU_CHECK_TOTAL_S:-470}"
+START=$(date +%s)
+left() { echo $((TOTAL_S - ($(date +%s) - START))); }
+cap() { local want=$1 rest; rest=$(($(left) - ${2:-0})); echo $((want < rest ? want : (rest > 10 ? rest : 10))); }
+
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # works without installing the package
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET BATCHNORM_BACKEND
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1 || true
+    python - <<'EOF'
+import sys
+import torch
+import triton
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version(), "| triton", triton.__version__)
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
+from batchnorm import kernels
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    if torch.cuda.is_available():
+        x = torch.ones(2, 3, 4, device="cuda", dtype=dtype)
+        print(f"backend chosen for a CUDA {dtype} tensor: {kernels.select(x).name}")
+EOF
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+status=0
+if python -c "import pytest" 2>/dev/null; then
+    echo "== pytest -m gpu (cap $(cap 140 300) s)"
+    timeout "$(cap 140 300)" python -m pytest tests -m gpu -q -rs -p no:cacheprovider \
+        --continue-on-collection-errors >"$OUT/pytest-gpu.txt" 2>&1
+    rc=$?
+    echo "exit status $rc" >>"$OUT/pytest-gpu.txt"
+    tail -n 15 "$OUT/pytest-gpu.txt"
+    [ "$rc" -ne 0 ] && status=1
+    echo "== tests/kernels/test_triton.py compiled on the GPU, float32 and bfloat16 (cap $(cap 100 220) s)"
+    timeout "$(cap 100 220)" python -m pytest tests/kernels/test_triton.py -m "not gpu" -k "not dtype2" -q -rs \
+        -p no:cacheprovider >"$OUT/pytest-triton-compiled.txt" 2>&1
+    rc=$?
+    echo "exit status $rc" >>"$OUT/pytest-triton-compiled.txt"
+    tail -n 15 "$OUT/pytest-triton-compiled.txt"
+    [ "$rc" -ne 0 ] && status=1
+else
+    echo "pytest is not installed here: tests not run" | tee "$OUT/pytest-gpu.txt"
+    status=1
+fi
+
+budget=$(($(left) - 40))
+dry=()
+[ "${GPU_CHECK_DRY:-0}" = 1 ] && dry=(--dry-run --no-compile)
+echo "== benchmark (budget ${budget} s)"
+timeout "$(($(left) - 5))" python benchmarks/gpu_bench.py --out "$OUT" --budget-s "$budget" "${dry[@]}" 2>&1 |
+    tee "$OUT/gpu_bench.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && status=1
+
+{
+    echo "gpu_check: $(($(date +%s) - START)) s, exit status $status"
+    grep -h -E "passed|failed|error" "$OUT"/pytest-*.txt | tail -n 4
+    sed -n '/^- /p' "$OUT/gpu_bench.md" 2>/dev/null
+} | tee "$OUT/summary.txt"
+exit "$status"
