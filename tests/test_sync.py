@@ -232,6 +232,16 @@ def check_ddp_cnn(sizes: tuple[int, ...], rank: int, world: int, steps: int = 3)
     soft.raise_any()
 
 
+def check_group_of_one(rank: int, world: int) -> None:
+    """A group holding only this rank: the plain layer (no collective), as BatchNorm2d."""
+    groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    sync = SyncBatchNorm(4, process_group=groups[rank], dtype=torch.float64)
+    plain = batchnorm.BatchNorm2d(4, dtype=torch.float64)
+    x = torch.randn(3, 4, 2, 5, dtype=torch.float64)
+    assert_close(sync(x), plain(x), 0, 0, "output")
+    assert_close(sync.running_var, plain.running_var, 0, 0, "running_var")
+
+
 # ---------------------------------------------------------------------------
 # faults: every check runs in a fresh group with a short timeout
 
@@ -323,6 +333,106 @@ def check_rank_dies(rank: int, world: int) -> None:
 
 
 # ---------------------------------------------------------------------------
+# one process: no process group, conversions, state_dict
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_without_process_group_it_is_batchnorm(backend):
+    sync, plain = SyncBatchNorm(4, momentum=None), batchnorm.BatchNorm2d(4, momentum=None)
+    with torch.no_grad():
+        sync.weight.normal_(), sync.bias.normal_()
+        plain.weight.copy_(sync.weight), plain.bias.copy_(sync.bias)
+    x = torch.randn(5, 4, 3, 2)
+    xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    dy = torch.randn_like(x)
+    with batchnorm.backend(backend):
+        (sync(xs) * dy).sum().backward()
+        (plain(xp) * dy).sum().backward()
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert_close(getattr(sync, name), getattr(plain, name), 0, 0, name)
+        assert_close(xs.grad, xp.grad, 0, 0, "input grad")
+        assert_close(sync.weight.grad, plain.weight.grad, 0, 0, "weight grad")
+        sync.eval(), plain.eval()
+        assert_close(sync(x), plain(x), 0, 0, "eval output")
+
+
+def test_state_dict_and_type_are_torch_syncbatchnorms():
+    ours, theirs = SyncBatchNorm(3, momentum=None), nn.SyncBatchNorm(3, momentum=None)
+    with torch.no_grad():
+        theirs.running_mean.normal_(), theirs.weight.normal_()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    assert torch.equal(ours.running_mean, theirs.running_mean) and torch.equal(ours.weight, theirs.weight)
+    theirs.load_state_dict(ours.state_dict())
+    assert isinstance(ours, nn.modules.batchnorm._BatchNorm)
+    assert not isinstance(ours, nn.SyncBatchNorm)  # DDP refuses CPU modules holding torch's
+    assert repr(ours) == repr(theirs)
+
+
+def test_input_checks():
+    layer = SyncBatchNorm(3)
+    with pytest.raises(ValueError, match="expected at least 2D input \\(got 1D input\\)"):
+        layer(torch.randn(3))
+    with pytest.raises(ValueError, match="number of input channels should be non-zero"):
+        SyncBatchNorm(0)(torch.randn(2, 0))
+
+
+def _mixed_model():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), batchnorm.BatchNorm2d(4, skip_nonfinite=False),
+        nn.Sequential(nn.Conv3d(4, 2, 1), nn.BatchNorm3d(2, affine=False)), nn.Flatten(2),
+        nn.BatchNorm1d(2, track_running_stats=False), nn.SyncBatchNorm(2), nn.InstanceNorm1d(2),
+    )  # fmt: skip
+
+
+def test_convert_sync_batchnorm_takes_torch_and_ours_keeping_tensors_mode_and_hooks():
+    model = _mixed_model()
+    model[3].eval()
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    group = object()  # stands for a process group: only carried here
+    SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
+    layers = [model[1], model[2], model[3][1], model[5], model[6]]
+    assert all(type(m) is SyncBatchNorm and m.process_group is group for m in layers)
+    assert type(model[7]) is nn.InstanceNorm1d
+    assert [m.dim_hint for m in layers] == [2, 2, 3, 1, None]
+    assert model[2].skip_nonfinite is False and model[1].skip_nonfinite is True
+    assert not model[3][1].training and model[1].training and model[3][1].weight is None
+    assert model[5].running_mean is None
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in tensors:
+            assert t is tensors[name], f"{name} was copied, not kept"
+    model[1](torch.randn(2, 4, 3, 3))
+    assert seen == [SyncBatchNorm]
+    bare = SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(3))
+    assert type(bare) is SyncBatchNorm and bare.process_group is None
+
+
+def test_revert_to_torch_and_to_ours_picks_the_dimension():
+    model = SyncBatchNorm.convert_sync_batchnorm(_mixed_model())
+    fresh = SyncBatchNorm(4)
+    fresh(torch.randn(2, 4, 3, 3, 3))  # a 5D input: BatchNorm3d
+    model.append(fresh)
+    model[6].dim_hint = 1  # (the former torch SyncBatchNorm, as after a forward on 3D input)
+    weight = model[1].weight
+    batchnorm.convert(model, to="torch")
+    types = [type(model[i]) for i in (1, 2, 5, 6, 8)] + [type(model[3][1])]
+    assert types == [nn.BatchNorm2d, nn.BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm1d, nn.BatchNorm3d, nn.BatchNorm3d]
+    assert model[1].weight is weight and model[3][1].running_mean is not None
+    ours = SyncBatchNorm.revert_sync_batchnorm(SyncBatchNorm.convert_sync_batchnorm(model))
+    assert type(ours[1]) is batchnorm.BatchNorm2d and type(ours[8]) is batchnorm.BatchNorm3d
+    with pytest.raises(ValueError, match="should become BatchNorm1d, 2d or 3d"):
+        batchnorm.convert(SyncBatchNorm(3), to="torch")
+
+
+def test_convert_maps_torch_syncbatchnorm_to_ours_with_its_group():
+    group = object()
+    layer = batchnorm.convert(nn.SyncBatchNorm(3, process_group=group, bias=False))
+    assert type(layer) is SyncBatchNorm and layer.process_group is group and layer.bias is None
+
+
+# ---------------------------------------------------------------------------
 # worlds: scenarios, the worker and the launcher
 
 SCENARIOS: dict[str, list[tuple[str, Callable[[int, int], None]]]] = {
@@ -330,6 +440,7 @@ SCENARIOS: dict[str, list[tuple[str, Callable[[int, int], None]]]] = {
         *[(f"layer_{c.name}", lambda r, w, c=c: check_layer(c, r, w)) for c in CASES_2],
         ("ddp_cnn_even", lambda r, w: check_ddp_cnn((6, 6), r, w)),
         ("ddp_cnn_uneven", lambda r, w: check_ddp_cnn((3, 7), r, w)),
+        ("group_of_one", check_group_of_one),
         ("channel_mismatch", check_channel_mismatch),
         ("single_value", check_single_value),
         ("empty_global_batch", check_empty_global_batch),
