@@ -122,6 +122,11 @@ def _finish_grad(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c):
     coef[c, 3] = -k * s1 / n
 
 
+@_helper
+def _rows(s, splits, R):
+    return s * R // splits, (s + 1) * R // splits
+
+
 # --- kernels: ncl layout ---
 
 
@@ -205,25 +210,23 @@ def ncl_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu):
             _ncl_grad_input(dy, x, dx, c, j0, j1, coef[c, 0], coef[c, 1], coef[c, 2], coef[c, 3])
 
 
-def ncl_apply(x, scale, shift, y):
-    """Eval: ``y = x * scale[c] + shift[c]`` on x[N, C, L], one pass."""
+def ncl_apply(x, scale, shift, y, splits):
+    """Eval: ``y = x * scale[c] + shift[c]`` on x[N, C, L], one pass over ``splits``
+    blocks of the N*C rows of L."""
     N, C, L = x.shape
-    for row in prange(N * C):
-        c = row % C
-        xr = x[row // C, c]  # L
-        yr = y[row // C, c]  # L
-        a = scale[c]
-        b = shift[c]
-        for i in range(L):
-            yr[i] = xr[i] * a + b
+    for s in prange(splits):
+        r0, r1 = _rows(s, splits, N * C)
+        for row in range(r0, r1):
+            c = row % C
+            xr = x[row // C, c]  # L
+            yr = y[row // C, c]  # L
+            a = scale[c]
+            b = shift[c]
+            for i in range(L):
+                yr[i] = xr[i] * a + b
 
 
 # --- kernels: nlc layout (rows of C) ---
-
-
-@_helper
-def _rows(s, splits, R):
-    return s * R // splits, (s + 1) * R // splits
 
 
 def nlc_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out):

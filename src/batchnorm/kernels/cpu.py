@@ -78,17 +78,19 @@ def _announce(kernel) -> None:
 _seen: set = set()
 
 
-def _call(name: str, numel: int, make_args):
-    """Run kernel ``name`` with the thread count for ``numel`` on ``make_args(threads)``."""
+def _call(name: str, numel: int, make_args, items=None):
+    """Run kernel ``name`` with the thread count for ``numel`` on ``make_args(threads)``;
+    ``items(threads)`` is the number of parallel work items it will hand out."""
     threads = _threads(numel)
     if threads > 1 and _launch.acquire(blocking=False):
         try:
             kernel = getattr(loops.PARALLEL, name)
             _announce(kernel)
             numba.set_num_threads(threads)
-            # Items handed out one at a time: a thread slowed by another process
-            # leaves its share to the others (results do not depend on who runs an item).
-            numba.set_parallel_chunksize(1)
+            # Items handed out a few at a time (8 chunks per thread): a thread slowed by
+            # another process leaves its share to the others; results do not depend on
+            # which thread runs an item.
+            numba.set_parallel_chunksize(max(1, items(threads) // (8 * threads)) if items else 1)
             _state["launched"] = True
             return kernel(*make_args(threads))
         finally:
@@ -195,7 +197,12 @@ class NumbaBackend(Backend):
         w, b = _vec(weight, c, x.dtype, 1.0), _vec(bias, c, x.dtype, 0.0)
         ma, va = mean.numpy(), var.numpy()
         if layout == "ncl":
-            _call("ncl_forward", x.numel(), lambda t: (xa, w, b, eps, _ncl_splits(t, n * l, c), write_y, ya, ma, va))
+            _call(
+                "ncl_forward",
+                x.numel(),
+                lambda t: (xa, w, b, eps, _ncl_splits(t, n * l, c), write_y, ya, ma, va),
+                lambda t: c * _ncl_splits(t, n * l, c),
+            )
         else:
             _call("nlc_forward", x.numel(), lambda t: (xa, w, b, eps, _nlc_splits(t, n * l), write_y, ya, ma, va))
         return (y if write_y else None), mean, var
@@ -209,7 +216,8 @@ class NumbaBackend(Backend):
         xa, ya = _view(x, layout), _view(y, layout)
         sa, ba = _vec(scale, c, x.dtype, 1.0), _vec(shift, c, x.dtype, 0.0)
         if layout == "ncl":
-            _call("ncl_apply", x.numel(), lambda t: (xa, sa, ba, ya))
+            rows = xa.shape[0] * xa.shape[1]
+            _call("ncl_apply", x.numel(), lambda t: (xa, sa, ba, ya, _nlc_splits(t, rows)))
         else:
             rows = xa.shape[0]
             _call("nlc_apply", x.numel(), lambda t: (xa, sa, ba, ya, _nlc_splits(t, rows)))
@@ -265,6 +273,7 @@ class NumbaBackend(Backend):
                 "ncl_backward",
                 x.numel(),
                 lambda t: (ga, xa, ma, sa, w, _ncl_splits(t, n * l, c), mode, dxa, s1, s2),
+                lambda t: c * _ncl_splits(t, n * l, c),
             )
         else:
             _call("nlc_backward", x.numel(), lambda t: (ga, xa, ma, sa, w, _nlc_splits(t, n * l), mode, dxa, s1, s2))
