@@ -12,9 +12,9 @@ import pytest
 
 from batchnorm import cli
 
-# a --quick run made shorter still: every part runs, in a few seconds
+# a --quick run made shorter still: every part runs, in a few seconds (the portable backend: no JIT compilation)
 TINY = ["--quick", "--steps", "40", "--cnn-steps", "20", "--sweep-steps", "30", "--lrs", "0.1,1,10", "--seeds", "2",
-        "--no-progress"]  # fmt: skip
+        "--no-progress", "--backend", "torch"]  # fmt: skip
 
 
 def strip_timing(results: dict) -> dict:
@@ -96,6 +96,7 @@ def one_error_line(capsys) -> str:
         (["--data", "imagenet"], "unknown dataset 'imagenet'"),
         (["--data", "mnist:/does/not/exist"], "dataset folder not found"),
         (["--threads", "0"], "--threads must be positive"),
+        (["--backend", "cuda-magic"], "unknown batchnorm backend 'cuda-magic'"),
     ],
 )
 def test_bad_options_fail_with_one_line(tmp_path, capsys, extra, message):
@@ -143,3 +144,25 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == ["batchnorm: error: the learning-rate list is empty"]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("kind", ["fashion-mnist", "cifar10"])
+def test_demo_runs_on_local_dataset_files(tmp_path, seed, capsys, kind):
+    import numpy as np
+
+    from tests.experiments.test_datasets import write_cifar, write_mnist
+
+    rng = np.random.default_rng(seed)
+    if kind == "cifar10":
+        write_cifar(tmp_path / "data", rng, n=30)  # 150 training images
+    else:
+        write_mnist(tmp_path / "data", rng, n_train=150, n_test=40, size=28)
+    out = tmp_path / "run"
+    skip = "sweep" if kind == "cifar10" else "cnn,sweep"  # the MLP alone on the IDX data; the CNN on 3 channels
+    assert cli.main(["demo", *TINY, "--steps", "10", "--cnn-steps", "5", "--skip", skip,
+                     "--data", f"{kind}:{tmp_path / 'data'}", "--out", str(out)]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    shape = [3, 32, 32] if kind == "cifar10" else [1, 28, 28]
+    assert results["dataset"] == {"name": kind, "train": 150, "test": 30 if kind == "cifar10" else 40,
+                                  "image_shape": shape, "classes": 10}  # fmt: skip
+    assert results["mlp"]["arms"]["bn"]["steps"][-1] == 10 and results["backend"] == "torch"

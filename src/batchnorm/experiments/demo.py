@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", default="", metavar="PARTS", help="leave out parts: cnn, sweep (comma-separated)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (default: 1 for digits' tiny networks, else torch's)")  # fmt: skip
+    parser.add_argument("--backend", metavar="NAME",
+                        help="force a batchnorm backend (torch: no JIT compiling); default: automatic")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -96,12 +98,18 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    if args.backend is not None:
+        from batchnorm.kernels import get
+
+        get(args.backend)  # unknown or unavailable: fail now
     out = Path(args.out).expanduser()
     started = time.perf_counter()
 
     tmp = _prepare_output(out)
     try:
         import torch
+
+        import batchnorm
 
         from . import datasets
 
@@ -113,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
         threads = args.threads or (1 if data.name == "digits" else None)
         if threads:
             torch.set_num_threads(threads)
-        results, recorders = run_experiment(data, cfg, progress=_progress_bars(cfg, args.no_progress))
+        with batchnorm.backend(args.backend):
+            results, recorders = run_experiment(data, cfg, progress=_progress_bars(cfg, args.no_progress))
+        results["backend"] = args.backend or "automatic"
         figures = report.write_figures(results, recorders, tmp)
         results["timing_seconds"]["total"] = time.perf_counter() - started
         results["figures"] = figures
