@@ -14,7 +14,7 @@ from batchnorm import cli
 
 # a --quick run made shorter still: every part runs, in a few seconds (the portable backend: no JIT compilation)
 TINY = ["--quick", "--steps", "40", "--cnn-steps", "20", "--sweep-steps", "30", "--lrs", "0.1,1,10", "--seeds", "2",
-        "--no-progress", "--backend", "torch"]  # fmt: skip
+        "--no-progress", "--backend", "torch", "--threads", "1"]  # fmt: skip
 
 
 def strip_timing(results: dict) -> dict:
