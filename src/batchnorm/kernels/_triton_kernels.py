@@ -21,8 +21,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Sizes and counts are not specialized on (no recompiling per layer shape for
-# their divisibility); strides are, so unit and 16-aligned strides vectorize.
+# Counts are not specialized on (no recompiling per layer shape for their
+# divisibility); strides and C, L are: the mask along the contiguous axis must be
+# known 16-aligned for the loads to vectorize.
 
 
 @triton.jit
@@ -44,6 +45,15 @@ def _lanes(c0, s_n, s_c, s_l, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOC
 
 
 @triton.jit
+def _tile_corner(t, tiles_l, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    """First row and column of tile ``t``; tiles run along L, then N."""
+    if BLOCK_L == 1:  # L == 1 (channels-last): l0 = 0 visibly, so aligned rows still vectorize
+        return t * BLOCK_N, 0
+    tn = t // tiles_l
+    return tn * BLOCK_N, (t - tn * tiles_l) * BLOCK_L
+
+
+@triton.jit
 def _lane_mask(n_left, c0, C, l_left, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
     """Which lanes of a tile are inside the tensor (``n_left``/``l_left``: rows/columns from the corner on)."""
     rn = tl.arange(0, BLOCK_N)[:, None, None]
@@ -62,7 +72,7 @@ def _reduce_nl(v):
 # split kernels: grid (channel blocks, S), each program a range of tiles
 
 
-@triton.jit(do_not_specialize=["N", "C", "L", "tiles_l", "tiles_total", "tiles_per_prog", "S"])
+@triton.jit(do_not_specialize=["N", "tiles_l", "tiles_total", "tiles_per_prog", "S"])
 def partial_stats(
     x_ptr,  # N,C,L strided
     part_ptr,  # 3,S,C float32: mean of x - x[0, c, 0], m2, count per split
@@ -81,9 +91,7 @@ def partial_stats(
     t0 = s * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, tiles_total)
     for t in range(t0, t1):
-        tn = t // tiles_l  # tiles run along L, then N
-        n0 = tn * BLOCK_N
-        l0 = (t - tn * tiles_l) * BLOCK_L
+        n0, l0 = _tile_corner(t, tiles_l, BLOCK_N, BLOCK_L)
         mask = _lane_mask(N - n0, c0, C, L - l0, BLOCK_N, BLOCK_C, BLOCK_L)
         x = tl.load(x_ptr + (n0 * s_n + l0 * s_l) + lanes, mask=mask, other=0.0).to(tl.float32) - shift
         cnt += mask.to(tl.float32)
@@ -99,7 +107,7 @@ def partial_stats(
     tl.store(out + 2 * S * C, cnt, mask=cmask)
 
 
-@triton.jit(do_not_specialize=["N", "C", "L", "tiles_l", "tiles_total", "tiles_per_prog", "S"])
+@triton.jit(do_not_specialize=["N", "tiles_l", "tiles_total", "tiles_per_prog", "S"])
 def partial_grad(
     dy_ptr,  # N,C,L strided like x
     x_ptr,  # N,C,L strided
@@ -120,9 +128,7 @@ def partial_grad(
     t0 = s * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, tiles_total)
     for t in range(t0, t1):
-        tn = t // tiles_l
-        n0 = tn * BLOCK_N
-        l0 = (t - tn * tiles_l) * BLOCK_L
+        n0, l0 = _tile_corner(t, tiles_l, BLOCK_N, BLOCK_L)
         mask = _lane_mask(N - n0, c0, C, L - l0, BLOCK_N, BLOCK_C, BLOCK_L)
         x = tl.load(x_ptr + (n0 * s_n + l0 * s_l) + x_lanes, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + (n0 * d_n + l0 * d_l) + dy_lanes, mask=mask, other=0.0).to(tl.float32)
@@ -134,7 +140,7 @@ def partial_grad(
     tl.store(out + S * C, _reduce_nl(sum_dy_xmu), mask=cmask)
 
 
-@triton.jit(do_not_specialize=["N", "C", "L", "tiles_l", "tiles_total", "tiles_per_prog"])
+@triton.jit(do_not_specialize=["N", "tiles_l", "tiles_total", "tiles_per_prog"])
 def affine(
     x_ptr,  # N,C,L strided
     dy_ptr,  # N,C,L strided (read only if HAS_DY)
@@ -158,9 +164,7 @@ def affine(
     t0 = s * tiles_per_prog
     t1 = tl.minimum(t0 + tiles_per_prog, tiles_total)
     for t in range(t0, t1):
-        tn = t // tiles_l
-        n0 = tn * BLOCK_N
-        l0 = (t - tn * tiles_l) * BLOCK_L
+        n0, l0 = _tile_corner(t, tiles_l, BLOCK_N, BLOCK_L)
         mask = _lane_mask(N - n0, c0, C, L - l0, BLOCK_N, BLOCK_C, BLOCK_L)
         x = tl.load(x_ptr + (n0 * s_n + l0 * s_l) + x_lanes, mask=mask, other=0.0).to(tl.float32)
         y = x * a + b
@@ -174,7 +178,7 @@ def affine(
 # finalize kernels: grid (channel blocks,), merge the S partials of each channel
 
 
-@triton.jit(do_not_specialize=["S", "C", "eps"])
+@triton.jit(do_not_specialize=["S", "eps"])
 def finalize_stats(
     part_ptr,  # 3,S,C float32 from partial_stats
     x_ptr,  # N,C,L: the shift x[0, c, 0] the partials are relative to
@@ -214,7 +218,7 @@ def finalize_stats(
         tl.store(coef_ptr + C + c, shift, mask=cmask)
 
 
-@triton.jit(do_not_specialize=["S", "C", "count"])
+@triton.jit(do_not_specialize=["S", "count"])
 def finalize_grad(
     part_ptr,  # 2,S,C float32 from partial_grad
     mean_ptr, invstd_ptr, w_ptr,  # C
@@ -262,7 +266,7 @@ def _store_dx_coefficients(coef_ptr, mean_ptr, invstd_ptr, w_ptr, sum_dy, sum_dy
 # single-pass kernels: grid (channel blocks,), the whole N x L slice in one tile
 
 
-@triton.jit(do_not_specialize=["N", "C", "L", "count", "eps"])
+@triton.jit(do_not_specialize=["N", "count", "eps"])
 def forward_single(
     x_ptr,  # N,C,L strided
     y_ptr,  # N,C,L strided (written if WRITE_Y)
@@ -296,7 +300,7 @@ def forward_single(
         tl.store(out, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["N", "C", "L", "count"])
+@triton.jit(do_not_specialize=["N", "count"])
 def backward_single(
     dy_ptr, x_ptr,  # N,C,L strided
     dx_ptr,  # N,C,L strided (written if WRITE_DX)
