@@ -58,10 +58,13 @@ class Case:
     channels_last: bool = False
     backend: str | None = None  # None: automatic choice
     loc: float = 0.0  # mean of the data (1e4: the stability case)
+    activation: str | None = None
+    residual: bool = False
 
 
 CASES_2 = [
     Case("bn2d_uneven", (3, 5)),
+    Case("bn2d_relu_residual", (4, 2), activation="relu", residual=True),
     Case("bn2d_channels_last_f32_torch", (4, 4), dtype=torch.float32, channels_last=True, backend="torch"),
     Case("bn2d_channels_last_f32", (2, 3), dtype=torch.float32, channels_last=True, spatial=(5, 3)),
     Case("bn1d_2d_input_empty_rank_cumulative", (0, 6), dim=1, spatial=(), momentum=None),
@@ -75,6 +78,7 @@ CASES_3 = [
     Case("bn1d_one_row_per_rank", (1, 1, 1), dim=1, spatial=()),
     Case("bn2d_channels_last_empty_last_f32", (4, 3, 0), dtype=torch.float32, channels_last=True),
     Case("bn1d_3d_input_torch_cumulative", (3, 1, 2), dim=1, spatial=(7,), momentum=None, backend="torch"),
+    Case("bn2d_silu_empty_rank", (0, 3, 4), activation="silu"),
 ]
 
 
@@ -85,6 +89,7 @@ def _seed(name: str) -> int:
 def _twin_layers(case: Case, g: torch.Generator) -> tuple[nn.Module, nn.Module]:
     """Our SyncBatchNorm and the oracle BatchNormXd, with the same non-default state."""
     kwargs = dict(momentum=case.momentum, affine=case.affine, track_running_stats=case.track, bias=case.bias)
+    kwargs["activation"] = case.activation
     sync = SyncBatchNorm(case.channels, dtype=case.dtype, **kwargs)
     oracle = _PLAIN[case.dim](case.channels, dtype=case.dtype, **kwargs)
     with torch.no_grad():
@@ -152,8 +157,10 @@ def check_layer(case: Case, rank: int, world: int) -> None:
             dy = torch.randn(shape, generator=g, dtype=case.dtype)
             x_full = x.clone().requires_grad_()
             x_mine = _local(x, case.sizes, rank).clone().contiguous(memory_format=fmt).requires_grad_()
+            r_full = torch.randn(shape, generator=g, dtype=case.dtype).requires_grad_() if case.residual else None
+            r_mine = _local(r_full, case.sizes, rank).detach().clone().requires_grad_() if case.residual else None
             sync.zero_grad(set_to_none=True), oracle.zero_grad(set_to_none=True)
-            y_full, y_mine = oracle(x_full), model(x_mine)
+            y_full, y_mine = oracle(x_full, r_full), model(x_mine, r_mine)
             (y_full * dy).sum().backward()
             (y_mine * _local(dy, case.sizes, rank)).sum().backward()
             what = f"{case.name} rank {rank} step {step}"
@@ -166,6 +173,8 @@ def check_layer(case: Case, rank: int, world: int) -> None:
             if case.loc:  # gradients there differ by the float32 rounding of x itself; covered by the other cases
                 continue
             soft.close(x_mine.grad, _local(x_full.grad, case.sizes, rank), atol, rtol, f"{what}: input grad")
+            if case.residual:
+                soft.close(r_mine.grad, _local(r_full.grad, case.sizes, rank), atol, rtol, f"{what}: residual grad")
             for name, p in oracle.named_parameters():
                 mine = getattr(sync, name).grad * world
                 soft.close(mine, p.grad, atol, rtol, f"{what}: {name} grad (after DDP)")
@@ -424,6 +433,17 @@ def test_revert_to_torch_and_to_ours_picks_the_dimension():
     assert type(ours[1]) is batchnorm.BatchNorm2d and type(ours[8]) is batchnorm.BatchNorm3d
     with pytest.raises(ValueError, match="should become BatchNorm1d, 2d or 3d"):
         batchnorm.convert(SyncBatchNorm(3), to="torch")
+
+
+def test_the_fused_activation_travels_between_our_layers_and_not_to_torch():
+    layer = batchnorm.BatchNorm2d(3, activation=("leaky_relu", 0.2))
+    synced = SyncBatchNorm.convert_sync_batchnorm(layer)
+    assert synced.activation == layer.activation
+    x, r = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    assert_close(synced(x, r), nn.functional.leaky_relu(batchnorm.BatchNorm2d(3)(x) + r, 0.2), 1e-6, 1e-6, "world 1")
+    assert SyncBatchNorm.revert_sync_batchnorm(synced).activation == layer.activation
+    with pytest.raises(ValueError, match=r"fused activation leaky_relu\(0.2\) has no torch.nn equivalent"):
+        batchnorm.convert(synced, to="torch")
 
 
 def test_convert_maps_torch_syncbatchnorm_to_ours_with_its_group():

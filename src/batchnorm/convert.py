@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import modules, sync
+from . import activations, modules, sync
 
 __all__ = ["convert"]
 
@@ -64,7 +64,14 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
 
 
 def swap_layer(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
-    """A ``new_cls`` layer holding ``old``'s tensors, mode and hooks (nothing copied)."""
+    """A ``new_cls`` layer holding ``old``'s tensors, mode, hooks and fused activation (nothing copied)."""
+    activation = getattr(old, "activation", activations.IDENTITY)
+    fused = issubclass(new_cls, modules._BatchNorm)
+    if not fused and activation != activations.IDENTITY:
+        raise ValueError(
+            f"{type(old).__name__} with the fused activation {activation} has no torch.nn equivalent; "
+            "build it without activation= and put the activation after it"
+        )
     new = new_cls(
         old.num_features,
         old.eps,
@@ -86,4 +93,6 @@ def swap_layer(old: nn.Module, new_cls: type[nn.Module]) -> nn.Module:
     for hooks in _HOOK_DICTS:
         if hasattr(old, hooks):
             setattr(new, hooks, getattr(old, hooks))
+    if fused:
+        new.activation = activation
     return new

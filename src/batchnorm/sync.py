@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import kernels, modules
+from . import activations, kernels, modules
 from ._checks import ShapeError, check_input
 from ._layout import as_ncl, output_memory_format, prepare, restore
 from .functional import update_running_stats
@@ -167,6 +167,8 @@ def sync_batch_norm(
     num_batches_tracked: Tensor | None = None,
     skip_nonfinite: bool = True,
     nonfinite_count: Tensor | None = None,
+    activation=None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """Training-mode batch norm with the statistics of the global batch (every rank's input).
 
@@ -189,6 +191,14 @@ def sync_batch_norm(
     # every check of the functional form except "more than 1 value per channel",
     # which is about the global batch and is decided after the exchange
     check_input(input[:0], running_mean, running_var, weight, bias, True, eps)
+    act = activations.parse(activation)
+    if residual is not None:
+        try:
+            torch.broadcast_shapes(input.shape, residual.shape)
+        except RuntimeError:
+            raise ShapeError(
+                f"residual must broadcast to the input {tuple(input.shape)}, got {tuple(residual.shape)}"
+            ) from None
     x = prepare(input)
     x3 = as_ncl(x)
     channels, local = x3.shape[1], x3.shape[0] * x3.shape[2]
@@ -209,7 +219,7 @@ def sync_batch_norm(
     if total == 0:  # as batch_norm on an empty batch: nothing to learn, the batch still counts
         if num_batches_tracked is not None and running_mean is not None:
             num_batches_tracked.add_(1)
-        return input.clone(memory_format=output_memory_format(input))
+        return _activate(input.clone(memory_format=output_memory_format(input)), residual, act)
     if total == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, got 1 value per channel over the "
@@ -222,7 +232,13 @@ def sync_batch_norm(
         update_running_stats(
             running_mean, running_var, mean, var, total, momentum, num_batches_tracked, skip_nonfinite, nonfinite_count
         )
-    return y
+    return _activate(y, residual, act)
+
+
+def _activate(y: Tensor, residual: Tensor | None, act) -> Tensor:
+    if residual is not None:
+        y = y + residual
+    return activations.forward(y, act)
 
 
 # ---------------------------------------------------------------------------
@@ -248,6 +264,11 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
     Before its first synchronized batch in a group, the layer checks once that
     every rank has the same number of channels (one extra small collective).
 
+    ``activation`` and ``forward(x, residual)`` compute
+    ``activation(BN(x) + residual)``; in synchronized training the add and the
+    activation run as torch ops after the normalization (not fused), and there
+    is no ``memory_efficient`` mode.
+
     Args:
         process_group: the ranks that share statistics (default: the whole world).
         others: as :class:`batchnorm.BatchNorm2d`.
@@ -270,10 +291,11 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         *,
         bias: bool = True,
         skip_nonfinite: bool = True,
+        activation=None,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
-            bias=bias, skip_nonfinite=skip_nonfinite,
+            bias=bias, skip_nonfinite=skip_nonfinite, activation=activation,
         )  # fmt: skip
         self.process_group = process_group
         self.dim_hint: int | None = None  # 1, 2 or 3: the BatchNormXd this layer reverts to
@@ -283,14 +305,14 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         if input.shape[1] == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         self.dim_hint = _DIM_OF_RANK.get(input.dim(), self.dim_hint)
         world = sync_world_size(self.process_group) if self.training else 1
         if world == 1:
-            return super().forward(input)
+            return super().forward(input, residual)
         if input.shape[1] != self.num_features:
             raise ShapeError(f"SyncBatchNorm({self.num_features}) got an input with {input.shape[1]} channels")
         group = _default_group(self.process_group)
@@ -310,6 +332,8 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
             num_batches_tracked=self.num_batches_tracked if update else None,
             skip_nonfinite=self.skip_nonfinite,
             nonfinite_count=self.num_nonfinite_batches if update else None,
+            activation=self.activation,
+            residual=residual,
         )
 
     @classmethod
@@ -319,7 +343,8 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         Takes ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and
         this library's layers (subclasses other than these are left alone).
         The new layer keeps the very same parameter and buffer tensors, the
-        train/eval mode and the hooks; if ``module`` is itself such a layer the
+        train/eval mode, the hooks and a fused activation (``memory_efficient``
+        is not carried over); if ``module`` is itself such a layer the
         replacement is returned. Convert before wrapping in DDP.
         """
         from .convert import swap_layer
