@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,12 @@ from batchnorm import cli
 # a --quick run made shorter still: every part runs, in a few seconds (the portable backend: no JIT compilation)
 TINY = ["--quick", "--steps", "40", "--cnn-steps", "20", "--sweep-steps", "30", "--lrs", "0.1,1,10", "--seeds", "2",
         "--no-progress", "--backend", "torch", "--threads", "1"]  # fmt: skip
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def strip_timing(results: dict) -> dict:
@@ -51,6 +58,7 @@ def test_run_folder_is_complete(tiny_run, capsys):
     page = (tiny_run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 9 and "What this run shows" in page
     assert not list(tiny_run.parent.glob(".run-*"))  # no temporary folder left behind
+    assert tiny_run.stat().st_mode & 0o055 == 0o055 & ~_umask()  # an ordinary folder, not a private temp one
 
 
 def test_same_seed_same_numbers(tiny_run, tmp_path, capsys):

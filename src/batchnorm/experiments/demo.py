@@ -80,7 +80,11 @@ def _prepare_output(out: Path) -> Path:
         raise ValueError(f"output folder {out} is not empty and holds no earlier demo run; choose another --out")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the run folder is an ordinary one
+        return tmp
     except OSError as error:
         raise ValueError(f"cannot write output folder {out}: {error.strerror or error}") from None
 
