@@ -263,6 +263,77 @@ def test_interpreter_suite_in_a_fresh_process():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
 
 
+_COMPILE_FOR_SM90 = r"""
+import re, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from batchnorm.kernels import _triton_kernels as K
+import batchnorm.kernels.triton as T
+
+launches = []
+class Record:  # stands in for a kernel: records what the launcher would launch
+    def __init__(self, fn): self.fn = fn
+    def __getitem__(self, grid): return lambda *args, num_warps=4, **kw: launches.append((self.fn, args, kw, num_warps))
+for name in ("partial_stats", "partial_grad", "affine", "finalize_stats", "finalize_grad", "forward_single",
+             "backward_single"):
+    setattr(T.K, name, Record(getattr(K, name)))
+backend = T.TritonBackend(cpu_sm_count=132)
+for shape, channels_last in (((256, 64, 56, 56), False), ((256, 64, 56, 56), True), ((256, 2048, 7, 7), False),
+                             ((256, 1024), False)):
+    x = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    x3 = x.flatten(2) if x.dim() == 4 else x.unsqueeze(-1)
+    w = torch.empty(shape[1], device="meta")
+    backend.forward_train(x3, w, w, 1e-5), backend.backward_train(x3, x3, w, w, w), backend.apply(x3, w, w)
+
+types = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
+done = set()
+for fn, args, kw, num_warps in launches:  # specialize as triton's launcher does: ints == 1, 16-divisible
+    skip = {fn.arg_names.index(n) for n in fn.do_not_specialize}
+    sig, consts, attrs = {}, dict(kw), {}
+    for i, (name, a) in enumerate(zip(fn.arg_names, args)):
+        if isinstance(a, torch.Tensor):
+            sig[name], attrs[(i,)] = types[a.dtype], [["tt.divisibility", 16]]
+        elif isinstance(a, float):
+            sig[name] = "fp32"
+        elif a == 1 and i not in skip:
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if a % 16 == 0 and i not in skip:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    sig.update({name: "constexpr" for name in kw})
+    key = (fn.__name__, str(sorted(sig.items())), str(sorted(consts.items())), str(sorted(attrs)), num_warps)
+    if key in done:
+        continue
+    done.add(key)
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": num_warps})
+    vector = "ld.global.v" in kernel.asm["ptx"] or "ld.global.nc.v" in kernel.asm["ptx"]
+    print(fn.__name__, {k: v for k, v in kw.items() if k.startswith("BLOCK")}, "vector loads" if vector else "")
+print("compiled", len(done))
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU run compiles them for its own device")
+def test_kernels_compile_for_sm90_with_ptxas():
+    """Each kernel specialization the launcher picks for ResNet-50-like layers compiles for an
+    H100 (sm_90) with triton's bundled ptxas, no GPU needed; aligned channels-last loads vectorize."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as error:  # pragma: no cover - another triton's internals
+        pytest.skip(f"this triton has no ahead-of-time compile API: {error}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[-1].startswith("compiled") and int(lines[-1].split()[1]) >= 10, done.stdout
+    channels_last = [line for line in lines if "'BLOCK_L': 1}" in line and line.startswith("partial_stats")]
+    assert channels_last and all("vector loads" in line for line in channels_last), done.stdout
+
+
 # ---------------------------------------------------------------------------
 # real GPU: compiled kernels on ResNet-sized layers, both paths, against torch
 
