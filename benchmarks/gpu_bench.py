@@ -273,6 +273,7 @@ def summary(cases: list[Case]) -> list[str]:
     out.append(
         f"- agreement with torch eager: {len(done) - len(bad)}/{len(done)} ok" + (f"; MISMATCH: {bad}" if bad else "")
     )
+    out += [f"- FAILED {line}" for line in FAILED]
     skipped = [c for c in done if "compile" not in c.ms]
     if skipped:
         out.append(f"- torch.compile not timed (budget) for {len(skipped)} cases")
@@ -280,6 +281,7 @@ def summary(cases: list[Case]) -> list[str]:
 
 
 COPY_GBPS = [float("nan")]
+FAILED: list[str] = []  # cases that raised, with the error
 
 
 def main(argv=None) -> int:
@@ -352,7 +354,16 @@ def main(argv=None) -> int:
         if time.monotonic() > deadline:
             print("budget spent; remaining cases left out", flush=True)
             break
-        run_case(case, device, timer, with_compile=False)
+        try:
+            run_case(case, device, timer, with_compile=False)
+        except Exception as error:  # one broken case must not hide the others
+            FAILED.append(f"{case.name} {case.mode}: {type(error).__name__}: {str(error).strip()[:300]}")
+            print(FAILED[-1], flush=True)
+            case.ms.clear()
+            continue
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         print(f"{case.name} {case.mode}: ours {case.ms['ours']:.3f} ms, eager {case.ms['eager']:.3f} ms, "
               f"err {case.error:.1e}", flush=True)  # fmt: skip
         save()
@@ -377,7 +388,7 @@ def main(argv=None) -> int:
             save()
     save()
     print("", *summary(cases), f"wrote {md} ({time.monotonic() - began:.0f} s)", sep="\n")
-    return 0 if all(c.ok for c in cases if c.ok is not None) else 1
+    return 0 if all(c.ok for c in cases if c.ok is not None) and not FAILED else 1
 
 
 if __name__ == "__main__":
