@@ -35,7 +35,7 @@ from tests.helpers import assert_close
 WORLD_TIMEOUT_S = 60  # the default group: orchestration only
 FAULT_TIMEOUT_S = 2.0  # the short-timeout groups of the fault checks
 DEADLINE_S = 150  # a whole world, spawn included; a hang fails instead of blocking CI
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5)}
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (1.6e-2, 1.6e-2)}
 _PLAIN = {1: batchnorm.BatchNorm1d, 2: batchnorm.BatchNorm2d, 3: batchnorm.BatchNorm3d}
 
 
@@ -60,6 +60,7 @@ class Case:
     loc: float = 0.0  # mean of the data (1e4: the stability case)
     activation: str | None = None
     residual: bool = False
+    param_dtype: torch.dtype | None = None  # parameters and buffers; None: the input's dtype
 
 
 CASES_2 = [
@@ -72,6 +73,7 @@ CASES_2 = [
     Case("bn3d_no_bias_torch", (2, 1), dim=3, spatial=(2, 3, 2), bias=False, backend="torch"),
     Case("no_running_stats_f32", (3, 3), dtype=torch.float32, track=False),
     Case("mean_1e4_f32", (7, 2), dtype=torch.float32, loc=1e4, spatial=(6, 5), momentum=1.0),
+    Case("bf16_input_f32_params", (5, 3), dtype=torch.bfloat16, param_dtype=torch.float32),
 ]
 CASES_3 = [
     Case("bn2d_uneven_with_empty_rank", (2, 0, 5)),
@@ -90,15 +92,16 @@ def _twin_layers(case: Case, g: torch.Generator) -> tuple[nn.Module, nn.Module]:
     """Our SyncBatchNorm and the oracle BatchNormXd, with the same non-default state."""
     kwargs = dict(momentum=case.momentum, affine=case.affine, track_running_stats=case.track, bias=case.bias)
     kwargs["activation"] = case.activation
-    sync = SyncBatchNorm(case.channels, dtype=case.dtype, **kwargs)
-    oracle = _PLAIN[case.dim](case.channels, dtype=case.dtype, **kwargs)
+    dtype = case.param_dtype or case.dtype
+    sync = SyncBatchNorm(case.channels, dtype=dtype, **kwargs)
+    oracle = _PLAIN[case.dim](case.channels, dtype=dtype, **kwargs)
     with torch.no_grad():
         for name, tensor in oracle.named_parameters():
-            tensor.copy_(torch.randn(tensor.shape, generator=g, dtype=case.dtype))
+            tensor.copy_(torch.randn(tensor.shape, generator=g, dtype=dtype))
             getattr(sync, name).copy_(tensor)
         if case.track:
-            oracle.running_mean.copy_(torch.randn(case.channels, generator=g, dtype=case.dtype))
-            oracle.running_var.copy_(torch.rand(case.channels, generator=g, dtype=case.dtype) + 0.5)
+            oracle.running_mean.copy_(torch.randn(case.channels, generator=g, dtype=dtype))
+            oracle.running_var.copy_(torch.rand(case.channels, generator=g, dtype=dtype) + 0.5)
             oracle.num_batches_tracked.fill_(3)
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 getattr(sync, name).copy_(getattr(oracle, name))
@@ -148,6 +151,7 @@ def check_layer(case: Case, rank: int, world: int) -> None:
     sync, oracle = _twin_layers(case, g)
     model = DDP(sync) if case.affine else sync
     atol, rtol = TOL[case.dtype]
+    p_atol, p_rtol = TOL[case.param_dtype or case.dtype]  # parameter gradients and buffers
     shape = (sum(case.sizes), case.channels, *case.spatial)
     fmt = _memory_format(case)
     with batchnorm.backend(case.backend):
@@ -177,9 +181,9 @@ def check_layer(case: Case, rank: int, world: int) -> None:
                 soft.close(r_mine.grad, _local(r_full.grad, case.sizes, rank), atol, rtol, f"{what}: residual grad")
             for name, p in oracle.named_parameters():
                 mine = getattr(sync, name).grad * world
-                soft.close(mine, p.grad, atol, rtol, f"{what}: {name} grad (after DDP)")
+                soft.close(mine, p.grad, p_atol, p_rtol, f"{what}: {name} grad (after DDP)")
             for name, buf in oracle.named_buffers():
-                soft.close(getattr(sync, name), buf, atol, rtol, f"{what}: {name}")
+                soft.close(getattr(sync, name), buf, p_atol, p_rtol, f"{what}: {name}")
         if case.loc:  # momentum 1: the running estimates are the last batch's, against float64
             xd = x.double()
             dims = [0, *range(2, xd.dim())]
