@@ -154,8 +154,10 @@ class TritonBackend(Backend):
         n, c, l = tensors[0].shape
         rows = [_channels_last_strides(t) for t in tensors]
         sms = self._sm_count(tensors[0])
+        floor = 1  # narrowest channel block the single-pass kernels may use
         if c > 1 and all(r is not None for r in rows):  # channels adjacent: tile along C
             n, l = n * l, 1
+            floor = min(_pow2(c), 16)  # 16 adjacent channels: whole 32-byte sectors
             strides = tuple(rows)
             block_l = 1
             block_n = _pow2(n) if single else None
@@ -178,7 +180,7 @@ class TritonBackend(Backend):
                 block_c = min(_pow2(c), max(1, 256 // block_l))
                 block_n = max(1, min(_pow2(n), self.tile // (block_c * block_l)))
         if single:
-            while block_c > 1 and _cdiv(c, block_c) < sms:  # enough programs to fill the device
+            while block_c > floor and _cdiv(c, block_c) < sms:  # enough programs to fill the device
                 block_c //= 2
         return _Geometry(n, c, l, block_n, block_c, block_l, strides)
 
