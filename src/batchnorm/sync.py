@@ -111,7 +111,7 @@ class _SyncNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, invstd, total, group):
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.total, ctx.group, ctx.has_bias = total, group, bias is not None
+        ctx.total, ctx.group, ctx.bias_dtype = total, group, None if bias is None else bias.dtype
         if x.numel() == 0:
             return torch.empty_like(x, memory_format=output_memory_format(x))
         x3 = as_ncl(x)
@@ -144,9 +144,9 @@ class _SyncNormalize(torch.autograd.Function):
                 dx = restore(dx3, x)
             else:
                 dx = torch.empty_like(x, memory_format=output_memory_format(x))
-        # parameter gradients stay this rank's share; DistributedDataParallel sums them over ranks
+        # parameter gradients are this rank's share, as for any other parameter: DDP's all-reduce combines them
         dweight = None if weight is None else (sum_dy_xmu * invstd).to(weight.dtype)
-        dbias = sum_dy.to(weight.dtype if weight is not None else mean.dtype) if ctx.has_bias else None
+        dbias = None if ctx.bias_dtype is None else sum_dy.to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None
 
 
