@@ -134,3 +134,14 @@ def test_untraceable_model_falls_back_to_the_sequential_walk():
     assert fused.body[1].activation == Activation("elu", 0.5) and isinstance(fused.body[2], nn.Identity)
     x = torch.randn(5, 3)
     assert_close(fused(x), model(x), 1e-6, 1e-6, "output")
+
+
+def test_fuse_traces_through_our_own_layers_and_is_idempotent():
+    original = TinyResNet()
+    ours = batchnorm.convert(copy.deepcopy(original))
+    fused = batchnorm.fuse(ours)
+    assert _fused_layers(fused)["layers.0.bn2"] == Activation("relu")
+    again = batchnorm.fuse(fused)
+    assert _fused_layers(again) == _fused_layers(fused)
+    x = torch.randn(3, 3, 10, 10)
+    assert_close(again(x), original(x), 1e-5, 1e-5, "output")

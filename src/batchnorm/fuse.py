@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from . import activations
+from ._fx import trace
 from .activations import Activation
 from .convert import convert
 
@@ -44,7 +45,7 @@ def fuse(model: nn.Module) -> nn.Module:
     ``fx.GraphModule``; otherwise the model itself, changed in place.
     """
     try:
-        traced = fx.symbolic_trace(model)
+        traced = trace(model)
     except Exception:  # untraceable Python in forward: fall back to the module walk
         return _fuse_sequentials(model)
     _fuse_graph(traced)

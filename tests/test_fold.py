@@ -1,0 +1,109 @@
+"""``batchnorm.fold``: freezing and folding eval-mode batch norms keeps the predictions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm import reference
+from batchnorm.fold import FrozenBatchNorm, fold, freeze
+from tests.clients import TinyResNet
+from tests.helpers import assert_close
+
+
+def _trained(model, shape, steps=3):
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(shape) * 2 + 1)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    return model.eval()
+
+
+def test_frozen_layer_is_the_reference_inference_affine():
+    layer = _trained(batchnorm.BatchNorm1d(4), (8, 4))
+    frozen = FrozenBatchNorm.from_batch_norm(layer)
+    a, b = reference.inference_affine(
+        layer.running_mean.numpy(), layer.running_var.numpy(),
+        layer.weight.detach().numpy(), layer.bias.detach().numpy(), layer.eps,
+    )  # fmt: skip
+    x = torch.randn(5, 4, 3)
+    assert_close(frozen(x), reference.inference(x.numpy(), a, b), 1e-5, 1e-5, "frozen")
+    assert_close(frozen(x), layer(x), 1e-6, 1e-6, "eval layer")
+
+
+def test_freeze_replaces_every_batch_norm_and_keeps_predictions():
+    model = _trained(TinyResNet(), (4, 3, 10, 10))
+    x = torch.randn(3, 3, 10, 10)
+    expected = model(x)
+    frozen = freeze(copy.deepcopy(model))
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in frozen.modules())
+    assert sum(isinstance(m, FrozenBatchNorm) for m in frozen.modules()) == 11
+    assert_close(frozen(x), expected, 1e-5, 1e-5, "frozen model")
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fold_merges_conv_and_bn_and_keeps_predictions(memory_format):
+    model = _trained(TinyResNet(), (4, 3, 10, 10)).to(memory_format=memory_format)
+    x = torch.randn(3, 3, 10, 10).to(memory_format=memory_format)
+    expected = model(x)
+    folded = fold(model)
+    remaining = [m for m in folded.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm))]
+    assert remaining == []  # every BN in this ResNet follows a conv
+    assert_close(folded(x), expected, 1e-4, 1e-4, "folded model")
+    assert_close(model(x), expected, 0, 0, "original untouched")
+
+
+def test_fold_keeps_a_fused_activation_and_freezes_what_has_no_conv():
+    model = nn.Sequential(
+        nn.Linear(6, 5), batchnorm.BatchNorm1d(5, activation=("leaky_relu", 0.1)),
+        batchnorm.BatchNorm1d(5), nn.Linear(5, 2),
+    )  # fmt: skip
+    model = _trained(model, (16, 6))
+    x = torch.randn(7, 6)
+    expected = model(x)
+    folded = fold(model)
+    assert sum(isinstance(m, FrozenBatchNorm) for m in folded.modules()) == 1  # the BN after a BN
+    assert_close(folded(x), expected, 1e-5, 1e-5, "folded")
+
+
+def test_fold_into_a_conv_used_twice_is_refused_and_frozen_instead():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = _trained(Twice(), (4, 3, 5, 5))
+    x = torch.randn(2, 3, 5, 5)
+    folded = fold(model)
+    assert isinstance(folded.bn, FrozenBatchNorm)
+    assert_close(folded(x), model(x), 1e-5, 1e-5, "output")
+
+
+def test_training_mode_is_refused():
+    with pytest.raises(ValueError, match=r"in training mode.*call model.eval\(\) first"):
+        freeze(nn.Sequential(nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match="keeps no running statistics"):
+        freeze(nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False).eval()))
+
+
+def test_fold_of_a_fused_model_keeps_predictions():
+    model = _trained(batchnorm.fuse(TinyResNet()), (4, 3, 10, 10))
+    x = torch.randn(3, 3, 10, 10)
+    expected = model(x)
+    folded = fold(model)
+    # BNs that take a residual stay, frozen; the others fold into their convs
+    assert sum(isinstance(m, FrozenBatchNorm) for m in folded.modules()) == 4
+    assert_close(folded(x), expected, 1e-4, 1e-4, "folded fused model")
