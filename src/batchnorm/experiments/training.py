@@ -175,8 +175,9 @@ def train_ensemble(
     @torch.no_grad()
     def evaluate(step: int) -> None:
         ensemble.eval()
+        chunk = 500  # members x chunk x features stays small even for CIFAR-10
         logits = torch.cat(
-            [ensemble(flat_test[i : i + 2000, None].expand(-1, k, -1)) for i in range(0, len(flat_test), 2000)]
+            [ensemble(flat_test[i : i + chunk, None].expand(-1, k, -1)) for i in range(0, len(flat_test), chunk)]
         )
         acc = (logits.argmax(-1) == y_test[:, None]).double().mean(0)  # K
         ensemble.train()
