@@ -3,19 +3,21 @@
 Drop-in ``BatchNorm1d/2d/3d`` layers (subclasses of torch.nn's) with optional
 fused activation and residual add, ``SyncBatchNorm``, the functional
 ``batch_norm``, backend choice (``backend``), ``convert`` to swap the layers of
-an existing model and ``fuse`` to fuse what follows them. See
+an existing model, ``fuse`` to fuse what follows them, and ``freeze``/``fold``
+to collapse them for inference. See
 ``batchnorm.reference`` for the equations.
 """
 
 from . import functional, reference
 from .convert import convert
+from .fold import fold, freeze
 from .fuse import fuse
 from .kernels import backend
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .sync import SyncBatchNorm
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "backend", "convert", "functional", "fuse",
-    "reference",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "backend", "convert", "fold", "freeze",
+    "functional", "fuse", "reference",
 ]  # fmt: skip
 __version__ = "0.1.0"
