@@ -33,8 +33,9 @@ from .base import Backend
 Tensor = torch.Tensor
 _log = logging.getLogger("batchnorm")
 
-# Below this many elements a thread launch costs more than it saves.
-PARALLEL_MIN_NUMEL = 1 << 15
+# Below this many elements (512 KiB of float32) a thread launch costs more than it
+# saves, and on a busy machine waiting for a second thread to be scheduled costs more.
+PARALLEL_MIN_NUMEL = 1 << 17
 # ncl: with at least this many channels per thread, one work item per channel
 # (statistics and normalization while the channel is in cache); else split the batch.
 CHANNELS_PER_THREAD = 4
