@@ -62,8 +62,8 @@ class Config:
 
     @classmethod
     def quick(cls, **overrides: Any) -> Config:
-        base = dict(mlp_steps=200, cnn_steps=100, eval_every=20, ics_points=4, sweep_lrs=(0.1, 1.0, 3.0, 10.0, 100.0),
-                    sweep_seeds=2, sweep_steps=200, sweep_eval_every=20, single_limit=100)  # fmt: skip
+        base = dict(mlp_steps=150, cnn_steps=80, eval_every=25, ics_points=4, sweep_lrs=(0.1, 1.0, 3.0, 10.0, 100.0),
+                    sweep_seeds=2, sweep_steps=150, sweep_eval_every=25, single_limit=100)  # fmt: skip
         base.update(overrides)
         return cls(**base)
 
