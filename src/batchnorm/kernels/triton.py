@@ -136,6 +136,7 @@ class TritonBackend(Backend):
         self.waves = waves
         self.min_tiles = min_tiles
         self.cpu_sm_count = cpu_sm_count
+        self._plans: dict[tuple, _Geometry | None] = {}
 
     def supports(self, x: Tensor) -> bool:
         if not (x.is_cuda and x.dtype in _DTYPES and x.layout == torch.strided and x.dim() == 3):
@@ -150,10 +151,19 @@ class TritonBackend(Backend):
 
     def _geometry(self, tensors: tuple[Tensor, ...], single: bool) -> _Geometry | None:
         """Tile shape for ``tensors`` (all shaped like the first); ``None`` when
-        ``single`` is asked for and the slice does not fit one program."""
+        ``single`` is asked for and the slice does not fit one program. Cached per
+        shape and strides: a layer sees the same few every step."""
+        sms = self._sm_count(tensors[0])
+        key = (single, sms, tuple(tensors[0].shape), tuple(t.stride() for t in tensors))
+        if key not in self._plans:
+            if len(self._plans) >= 4096:
+                self._plans.clear()
+            self._plans[key] = self._plan(tensors, single, sms)
+        return self._plans[key]
+
+    def _plan(self, tensors: tuple[Tensor, ...], single: bool, sms: int) -> _Geometry | None:
         n, c, l = tensors[0].shape
         rows = [_channels_last_strides(t) for t in tensors]
-        sms = self._sm_count(tensors[0])
         floor = 1  # narrowest channel block the single-pass kernels may use
         if c > 1 and all(r is not None for r in rows):  # channels adjacent: tile along C
             n, l = n * l, 1
