@@ -10,6 +10,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm.experiments import measure, models, training
+from batchnorm.fold import FrozenBatchNorm
 
 
 @pytest.fixture
@@ -161,7 +162,7 @@ def test_folded_model_matches_eval(gen, seed, conv):
     folded = measure.fold_batchnorm(model)
     assert model.training  # the original is left as it was
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
-    assert sum(isinstance(m, measure.Affine) for m in folded.modules()) == 2
+    assert sum(isinstance(m, FrozenBatchNorm) for m in folded.modules()) == 2
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)

@@ -4,7 +4,7 @@
 statistics of the batch at hand (what training mode computes), which for one
 image at a time is what a network would do if it kept using batch statistics
 at inference. ``fold_batchnorm`` replaces every BN layer by its eval-mode
-multiply-add ``y = x * scale + shift`` (``batchnorm.functional.inference_affine``).
+multiply-add ``y = x * scale + shift`` (``batchnorm.freeze``).
 """
 
 from __future__ import annotations
@@ -14,39 +14,17 @@ import copy
 import torch
 from torch import nn
 
-from batchnorm.functional import inference_affine
+from batchnorm.fold import freeze
 
-__all__ = ["Affine", "batch_stats_predictions", "fold_batchnorm", "predictions"]
+__all__ = ["batch_stats_predictions", "fold_batchnorm", "predictions"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
 
-class Affine(nn.Module):
-    """Per-channel ``y = x * scale + shift`` along dimension 1: the folded eval-mode BN."""
-
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.detach().clone())
-        self.register_buffer("shift", shift.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        view = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.scale.view(view).to(x.dtype) + self.shift.view(view).to(x.dtype)
-
-
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose BN layers (which must track running statistics) are :class:`Affine`."""
-    folded = copy.deepcopy(model).eval()
-    for parent in list(folded.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, _BN):
-                if child.running_mean is None:
-                    raise ValueError(f"cannot fold {name}: it keeps no running statistics")
-                scale, shift = inference_affine(
-                    child.running_mean, child.running_var, child.weight, child.bias, child.eps
-                )
-                setattr(parent, name, Affine(scale, shift))
-    return folded
+    """A copy of ``model`` in eval mode whose BN layers are each one multiply-add
+    (:func:`batchnorm.freeze`); they must track running statistics."""
+    return freeze(copy.deepcopy(model).eval())
 
 
 @torch.no_grad()
