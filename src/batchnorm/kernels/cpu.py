@@ -39,8 +39,8 @@ PARALLEL_MIN_NUMEL = 1 << 17
 # ncl: with at least this many channels per thread, one work item per channel
 # (statistics and normalization while the channel is in cache); else split the batch.
 CHANNELS_PER_THREAD = 4
-# nlc: row blocks per thread.
-BLOCKS_PER_THREAD = 4
+# nlc: row blocks per thread (each thread normalizes the rows it summed, some still in cache).
+BLOCKS_PER_THREAD = 1
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 _launch = threading.Lock()  # one parallel launch at a time (the workqueue layer needs it)
@@ -79,21 +79,21 @@ def _announce(kernel) -> None:
 _seen: set = set()
 
 
-def _call(name: str, numel: int, make_args, items=None):
-    """Run kernel ``name`` with the thread count for ``numel`` on ``make_args(threads)``;
-    ``items(threads)`` is the number of parallel work items it will hand out."""
+def _call(name: str, numel: int, make_args):
+    """Run kernel ``name`` with the thread count for ``numel`` on ``make_args(threads)``."""
     threads = _threads(numel)
     if threads > 1 and _launch.acquire(blocking=False):
         try:
             kernel = getattr(loops.PARALLEL, name)
             _announce(kernel)
             numba.set_num_threads(threads)
-            # Items handed out a few at a time (8 chunks per thread): a thread slowed by
-            # another process leaves its share to the others; results do not depend on
-            # which thread runs an item.
-            numba.set_parallel_chunksize(max(1, items(threads) // (8 * threads)) if items else 1)
+            # Static scheduling: Numba's chunked scheduling costs about 1 ms per chunk.
+            chunksize = numba.set_parallel_chunksize(0)
             _state["launched"] = True
-            return kernel(*make_args(threads))
+            try:
+                return kernel(*make_args(threads))
+            finally:
+                numba.set_parallel_chunksize(chunksize)
         finally:
             _launch.release()
     kernel = getattr(loops.SERIAL, name)
@@ -119,9 +119,10 @@ def _view(t: Tensor, layout: str) -> np.ndarray:
 
 
 # Outputs of at least this many bytes are mapped on their own with transparent huge
-# pages requested: a fresh 100 MB tensor otherwise costs ~25k page faults, which on
-# a small machine take longer than the kernel itself.
-HUGE_PAGE_MIN_BYTES = 1 << 22
+# pages requested. glibc serves allocations of 32 MiB and more with a fresh mmap each
+# time (smaller ones are reused from its heap once freed), and a fresh 100 MB tensor
+# costs ~25k page faults, which on a small machine take longer than the kernel itself.
+HUGE_PAGE_MIN_BYTES = 1 << 25
 _HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
 
 
@@ -202,7 +203,6 @@ class NumbaBackend(Backend):
                 "ncl_forward",
                 x.numel(),
                 lambda t: (xa, w, b, eps, _ncl_splits(t, n * l, c), write_y, ya, ma, va),
-                lambda t: c * _ncl_splits(t, n * l, c),
             )
         else:
             _call("nlc_forward", x.numel(), lambda t: (xa, w, b, eps, _nlc_splits(t, n * l), write_y, ya, ma, va))
@@ -274,7 +274,6 @@ class NumbaBackend(Backend):
                 "ncl_backward",
                 x.numel(),
                 lambda t: (ga, xa, ma, sa, w, _ncl_splits(t, n * l, c), mode, dxa, s1, s2),
-                lambda t: c * _ncl_splits(t, n * l, c),
             )
         else:
             _call("nlc_backward", x.numel(), lambda t: (ga, xa, ma, sa, w, _nlc_splits(t, n * l), mode, dxa, s1, s2))
