@@ -7,6 +7,7 @@ threshold), over contiguous, channels-last and non-contiguous inputs.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import subprocess
@@ -316,3 +317,23 @@ def test_outputs_on_their_own_mapping_behave_like_tensors(layout, monkeypatch, g
     check("dx", dx, reference.backward(dy.double().numpy(), cache)[0], 1e-5, 1e-5, scale=100.0)
     y.relu_()  # in place, as a following ReLU(inplace=True) does
     assert (y >= 0).all() and y.clone().equal(y)
+
+
+def test_freed_large_outputs_are_reused_never_while_alive(monkeypatch, gen):
+    monkeypatch.setattr(cpu, "HUGE_PAGE_MIN_BYTES", 0)
+    cpu.release_memory()
+    x = make((3, 4, 7), torch.float32, "contiguous", gen)
+    scale, shift = params(4, torch.float32, gen)
+    first = BACKEND.apply(x, scale, shift)
+    second = BACKEND.apply(x, scale, shift)
+    assert first.data_ptr() != second.data_ptr()
+    address = first.data_ptr()
+    del first
+    gc.collect()
+    third = BACKEND.apply(x, scale, shift)
+    assert third.data_ptr() == address  # the freed buffer came back
+    assert torch.equal(third, second)
+    monkeypatch.setattr(cpu, "POOL_MAX_BYTES", 0)
+    del third
+    assert not any(cpu._pool.values())  # over the cap: nothing kept
+    cpu.release_memory()

@@ -16,6 +16,7 @@ run the single-threaded copies of the kernels, which start no threads.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import logging
 import mmap
@@ -118,12 +119,63 @@ def _view(t: Tensor, layout: str) -> np.ndarray:
     return a.transpose(0, 2, 1).reshape(-1, a.shape[1])  # N*L,C: a view, as t is dense channels-last
 
 
-# Outputs of at least this many bytes are mapped on their own with transparent huge
-# pages requested. glibc serves allocations of 32 MiB and more with a fresh mmap each
+# Outputs of at least this many bytes get their own mapping, with transparent huge
+# pages requested, and go back to a small pool when freed (as torch's CUDA caching
+# allocator does). glibc serves allocations of 32 MiB and more with a fresh mmap each
 # time (smaller ones are reused from its heap once freed), and a fresh 100 MB tensor
-# costs ~25k page faults, which on a small machine take longer than the kernel itself.
+# costs ~25k page faults plus zeroing, which on a small machine take longer than the
+# kernel itself. ``release_memory()`` empties the pool.
 HUGE_PAGE_MIN_BYTES = 1 << 25
+POOL_MAX_BYTES = 1 << 30  # at most this much kept for reuse
+_POOL_PER_SIZE = 4
 _HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
+_pool: dict[int, list[mmap.mmap]] = {}
+_pooled_bytes = [0]
+
+
+class _Lease:
+    """Owns a pooled mapping while a tensor uses it (NumPy's ``__array_interface__``
+    makes it the array's base); gives the mapping back to the pool when collected."""
+
+    def __init__(self, buffer: mmap.mmap, dtype: np.dtype, count: int):
+        self.buffer = buffer
+        self._anchor = ctypes.c_char.from_buffer(buffer)  # the address, valid while we hold it
+        self.__array_interface__ = {
+            "data": (ctypes.addressof(self._anchor), False),
+            "shape": (count,),
+            "typestr": np.dtype(dtype).str,
+            "version": 3,
+        }
+
+    def __del__(self):
+        try:
+            del self._anchor
+            size = len(self.buffer)
+            kept = _pool.setdefault(size, [])
+            if len(kept) < _POOL_PER_SIZE and _pooled_bytes[0] + size <= POOL_MAX_BYTES:
+                kept.append(self.buffer)
+                _pooled_bytes[0] += size
+        except Exception:  # interpreter shutdown: let the mapping go
+            pass
+
+
+def release_memory() -> None:
+    """Unmap the output buffers kept for reuse."""
+    while _pool:
+        _, kept = _pool.popitem()
+        kept.clear()
+    _pooled_bytes[0] = 0
+
+
+def _mapping(nbytes: int) -> mmap.mmap:
+    try:
+        buffer = _pool[nbytes].pop()
+        _pooled_bytes[0] -= nbytes
+        return buffer
+    except (KeyError, IndexError):
+        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+        return buffer
 
 
 def _empty_like(x: Tensor) -> Tensor:
@@ -131,9 +183,7 @@ def _empty_like(x: Tensor) -> Tensor:
     nbytes = x.numel() * x.element_size()
     if nbytes < HUGE_PAGE_MIN_BYTES or not _HUGE_PAGES:
         return torch.empty_like(x)
-    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buffer.madvise(mmap.MADV_HUGEPAGE)
-    flat = torch.from_numpy(np.frombuffer(buffer, dtype=_NP_DTYPE[x.dtype]))  # owns the mapping
+    flat = torch.from_numpy(np.asarray(_Lease(_mapping(nbytes), _NP_DTYPE[x.dtype], x.numel())))
     return torch.empty(0, dtype=x.dtype).set_(flat.untyped_storage(), 0, x.shape, x.stride())
 
 
