@@ -35,14 +35,10 @@ def restore(y3: Tensor, like: Tensor) -> Tensor:
     """``y3`` back in ``like``'s shape and memory format, as a tensor of its own.
 
     A custom op's output must not be a view (autograd would forbid in-place ops
-    on it, such as ``relu_``), so a reshaped view is re-wrapped around the same
-    storage instead of being copied.
+    on it, such as ``relu_``); ``detach`` gives a tensor of its own on the same
+    storage, without a copy.
     """
-    y = y3.reshape(like.shape).contiguous(memory_format=output_memory_format(like))
-    if y._base is None:
-        return y
-    owner = torch.empty(0, dtype=y.dtype, device=y.device)
-    return owner.set_(y.untyped_storage(), y.storage_offset(), y.shape, y.stride())
+    return y3.reshape(like.shape).contiguous(memory_format=output_memory_format(like)).detach()
 
 
 def reduce_dims(x: Tensor) -> list[int]:
