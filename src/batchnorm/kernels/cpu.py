@@ -12,6 +12,8 @@ the first compilation in a process logs one line on the ``batchnorm`` logger.
 Small tensors, forked child processes (whose parent already started Numba's
 thread pool: GNU OpenMP cannot survive that) and callers racing another thread
 run the single-threaded copies of the kernels, which start no threads.
+Outputs of 32 MiB and more are mapped with huge pages and, once freed, kept in a
+pool of at most ``POOL_MAX_BYTES`` for the next call (``release_memory()`` empties it).
 """
 
 from __future__ import annotations
