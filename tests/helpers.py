@@ -23,3 +23,21 @@ def assert_close(actual, expected, atol: float, rtol: float, what: str = "") -> 
             f"(got {a[worst]:.6g}, expected {e[worst]:.6g}), mean error {err.mean():.3e}, "
             f"atol={atol}, rtol={rtol}"
         )
+
+
+def backends_fixture():
+    """An autouse fixture running a test module once per backend choice: automatic
+    (torch's own kernels for small CPU inputs), and the ``torch`` and ``numba`` backends forced."""
+    import pytest
+
+    import batchnorm
+
+    @pytest.fixture(autouse=True, params=["auto", "torch", "numba"])
+    def each_backend(request):
+        if request.param == "auto":
+            yield
+            return
+        with batchnorm.backend(request.param):
+            yield
+
+    return each_backend

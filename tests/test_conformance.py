@@ -11,7 +11,9 @@ from torch import nn
 
 import batchnorm
 from tests.clients import TinyResNet
-from tests.helpers import assert_close
+from tests.helpers import assert_close, backends_fixture
+
+each_backend = backends_fixture()
 
 common_modules = pytest.importorskip(
     "torch.testing._internal.common_modules", reason="torch's test inputs need the expecttest package"

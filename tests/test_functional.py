@@ -200,8 +200,9 @@ def test_compile_fullgraph_matches_eager(momentum, compiler):
         x = torch.randn(4, 3, 5, 5, requires_grad=True)
         x2 = x.detach().clone().requires_grad_()
         y, y2 = eager(x), compiled(x2)
-        y.square().sum().backward()
-        y2.square().sum().backward()
+        g = torch.randn_like(y)  # not y itself: d(sum(y^2))/dx cancels to ~eps/var of its terms
+        y.backward(g)
+        y2.backward(g)
         assert_close(y2, y, 1e-6, 1e-5, "y")
         assert_close(x2.grad, x.grad, 1e-6, 1e-5, "dx")
     assert_close(compiled_module.running_var, eager.running_var, 1e-6, 1e-6, "running_var")

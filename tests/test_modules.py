@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import batchnorm
-from tests.helpers import assert_close
+from tests.helpers import assert_close, backends_fixture
+
+each_backend = backends_fixture()
 
 PAIRS = [
     (batchnorm.BatchNorm1d, nn.BatchNorm1d, (6, 4)),

@@ -15,6 +15,7 @@ the ``C``-sized buffers, without reading anything back to the host.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _memory_efficient, activations, kernels
@@ -343,8 +344,15 @@ def update_running_stats(
 
     With ``skip_nonfinite`` a batch whose mean or variance holds NaN/Inf leaves
     the running statistics and ``num_batches_tracked`` untouched and adds one
-    to ``nonfinite_count``; this is decided on the device, with no host sync.
+    to ``nonfinite_count``. On an accelerator (or while compiling) this is
+    decided on the device, with no host sync; for CPU tensors in eager mode,
+    where reading a value costs nothing, it is decided in Python, which saves
+    most of the small operations.
     """
+    if mean.device.type == "cpu" and not torch.compiler.is_compiling():
+        _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+                       skip_nonfinite, nonfinite_count)  # fmt: skip
+        return
     unbiased = var * (count / (count - 1)) if count > 1 else var
     pairs = [(r, b) for r, b in ((running_mean, mean), (running_var, unbiased)) if r is not None]
     running = [r for r, _ in pairs]
@@ -370,6 +378,52 @@ def update_running_stats(
         weight = momentum if on is None else on * momentum
     # running += weight * (batch - running), both buffers in one call
     torch._foreach_lerp_(running, list(batch.unbind(0)), weight)
+
+
+# Up to this many elements a CPU float32/float64 call with nothing fused goes to
+# torch's own batch-norm kernel (with its C++ autograd) unless a backend is forced.
+SMALL_NUMEL = 16384
+
+
+def _small_on_cpu(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    return (
+        not torch.compiler.is_compiling()
+        and x.numel() <= SMALL_NUMEL
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and (weight is None or weight.dtype == x.dtype)
+        and (bias is None or bias.dtype == x.dtype)
+        and kernels.forced_name() is None
+    )
+
+
+def _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+                   skip_nonfinite, nonfinite_count) -> None:  # fmt: skip
+    """:func:`update_running_stats` for CPU tensors: the same result with a Python-side decision."""
+    if skip_nonfinite and not (_all_finite(mean) and _all_finite(var)):
+        if nonfinite_count is not None:
+            nonfinite_count.add_(1)
+        return
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / max(int(num_batches_tracked), 1)
+    else:
+        factor = momentum
+    running, batch = [], []
+    for r, b in ((running_mean, mean), (running_var, var * (count / (count - 1)) if count > 1 else var)):
+        if r is not None:
+            running.append(r)
+            batch.append(b if b.dtype == r.dtype else b.to(r.dtype))
+    torch._foreach_lerp_(running, batch, factor)  # running += factor * (batch - running)
+
+
+def _all_finite(t: Tensor) -> bool:
+    if t.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(t.detach().numpy()).all())  # a NumPy check costs ~1 us, torch's ~20 us
+    return bool(t.isfinite().all())
 
 
 def batch_norm(
@@ -430,6 +484,19 @@ def batch_norm(
         return activations.forward(y + residual, act)
     if memory_efficient and training:
         _memory_efficient.check(act, weight, residual)
+    fusing = memory_efficient or residual is not None or act.name != "identity"
+    if not fusing and input.numel() > 0 and _small_on_cpu(input, weight, bias):
+        # torch's own kernel: one call, where our Python layer would cost more than the work
+        if not training:
+            return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps, False)
+        y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+        if running_mean is not None or running_var is not None:
+            var = invstd.detach().pow(-2).sub_(eps)  # the biased variance back from 1 / sqrt(var + eps)
+            update_running_stats(
+                running_mean, running_var, mean.detach(), var, input.numel() // input.shape[1], momentum,
+                num_batches_tracked, skip_nonfinite, nonfinite_count,
+            )  # fmt: skip
+        return y
     if not training:
         scale, shift = inference_affine(running_mean, running_var, weight, bias, eps)
         y = (

@@ -20,7 +20,8 @@ nothing of autograd or running statistics; those live in ``functional``.
 Choosing: ``BATCHNORM_BACKEND=name`` or ``with batchnorm.backend("name"):``
 forces one (a backend that cannot take a tensor falls back to ``torch``);
 otherwise the first available backend in ``AUTOMATIC_ORDER`` that supports the
-tensor's device and dtype, and ``torch`` for everything else.
+tensor's device and dtype and ``prefers`` its shape (measured: where torch's own
+kernels are faster, a backend declines), and ``torch`` for everything else.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def select(x: torch.Tensor) -> Backend:
         return chosen if chosen.supports(x) else get("torch")
     for candidate in AUTOMATIC_ORDER:
         found = _load(candidate)
-        if found is not None and found.supports(x):
+        if found is not None and found.supports(x) and found.prefers(x):
             return found
     return get("torch")
 

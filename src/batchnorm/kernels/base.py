@@ -18,6 +18,11 @@ class Backend:
         """Whether this backend can run on ``x``'s device, dtype and layout."""
         raise NotImplementedError
 
+    def prefers(self, x: Tensor) -> bool:
+        """Whether the automatic choice should take this backend for ``x`` (it may
+        support shapes where another backend is faster); a forced choice ignores it."""
+        return True
+
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 

@@ -44,6 +44,10 @@ PARALLEL_MIN_NUMEL = 1 << 17
 CHANNELS_PER_THREAD = 4
 # nlc: row blocks per thread (each thread normalizes the rows it summed, some still in cache).
 BLOCKS_PER_THREAD = 1
+# The automatic choice takes torch's kernels for (B, N) inputs below this many elements
+# and for channels-last inputs with fewer positions per image (see NumbaBackend.prefers).
+PREFER_MIN_ROWS_NUMEL = 1 << 20
+PREFER_MIN_CHANNELS_LAST_L = 2048
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 _launch = threading.Lock()  # one parallel launch at a time (the workqueue layer needs it)
@@ -225,6 +229,16 @@ class NumbaBackend(Backend):
 
     def supports(self, x: Tensor) -> bool:
         return x.device.type == "cpu" and x.layout == torch.strided and x.dtype in (torch.float32, torch.float64)
+
+    def prefers(self, x: Tensor) -> bool:
+        """Where ``batchnorm bench`` measured torch's own kernels faster, leave the tensor to them:
+        channels-last layers with small images (torch's channels-last loops are vectorized across
+        channels, ours keep a float64 column per channel) and small ``(B, N)`` inputs."""
+        l = x.shape[2]
+        if l == 1:
+            return x.numel() >= PREFER_MIN_ROWS_NUMEL
+        channels_last = x.stride(1) == 1 and not x.is_contiguous()
+        return not (channels_last and l < PREFER_MIN_CHANNELS_LAST_L)
 
     # -- forward --
 

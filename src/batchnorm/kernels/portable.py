@@ -1,8 +1,12 @@
-"""The ``torch`` backend: composite torch operations on the ``(N, C, L)`` view.
+"""The ``torch`` backend: torch operations on the ``(N, C, L)`` view.
 
 Runs on any device and floating dtype; it is the fallback for whatever the fast
 backends do not take, and the second oracle (besides ``reference``) in tests.
-Statistics use ``torch.var_mean`` (a Welford reduction) in at least float32.
+The fused training paths call torch's own batch-norm kernels
+(``native_batch_norm`` and its backward: one call each, torch's numerics) when
+input and parameters share a float32/float64 dtype; the stages, and everything
+else, are composite ops with ``torch.var_mean`` (a Welford reduction) in at
+least float32.
 """
 
 from __future__ import annotations
@@ -19,11 +23,42 @@ def _col(v: Tensor) -> Tensor:
     return v.view(1, -1, 1)  # C -> 1,C,1
 
 
+def _native(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether torch's fused kernels give statistics in the dtype we keep (float32/64, no mixing)."""
+    return x.dtype in (torch.float32, torch.float64) and all(p is None or p.dtype == x.dtype for p in params)
+
+
+def _dense(x: Tensor) -> bool:
+    """Contiguous or channels-last (N, C, L): what torch's kernels read in place."""
+    return x.is_contiguous() or x.permute(0, 2, 1).is_contiguous()
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def supports(self, x: Tensor) -> bool:
         return x.is_floating_point()
+
+    def forward_train(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if not _native(x, weight, bias):
+            return super().forward_train(x, weight, bias, eps)
+        # as (N, C, 1, L) a channels-last (N, C, L) view is a channels-last 4-D tensor, which
+        # torch's kernels handle (vectorized) in place; a contiguous one stays contiguous
+        y, mean, invstd = torch.native_batch_norm(x.unsqueeze(2), weight, bias, None, None, True, 0.0, eps)
+        var = invstd.pow(-2).sub_(eps)  # biased variance back from 1 / sqrt(var + eps)
+        return y.squeeze(2), mean, var
+
+    def backward_train(
+        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if not (_native(x, weight, mean) and dy.stride() == x.stride() and _dense(x)):
+            return super().backward_train(dy, x, mean, invstd, weight)
+        dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+            dy.unsqueeze(2), x.unsqueeze(2), weight, None, None, mean, invstd, True, 0.0, [True, True, True]
+        )
+        return dx.squeeze(2), dbias, dweight / invstd  # sum(dy * (x - mean)) = sum(dy * xhat) / invstd
 
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         from . import stats_dtype
