@@ -397,10 +397,50 @@ def _small_on_cpu(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool
     )
 
 
+_NUMPY_DTYPES = (torch.float32, torch.float64)
+
+
 def _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                    skip_nonfinite, nonfinite_count) -> None:  # fmt: skip
-    """:func:`update_running_stats` for CPU tensors: the same result with a Python-side decision."""
-    if skip_nonfinite and not (_all_finite(mean) and _all_finite(var)):
+    """:func:`update_running_stats` for CPU tensors, decided and computed in NumPy on the
+    ``C``-sized arrays (each torch call costs more than the arithmetic here)."""
+    buffers = [t for t in (running_mean, running_var, num_batches_tracked, nonfinite_count) if t is not None]
+    if not all(t.dtype in _NUMPY_DTYPES or t.dtype == torch.int64 for t in (*buffers, mean, var)):
+        _update_on_cpu_torch(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+                             skip_nonfinite, nonfinite_count)  # fmt: skip
+        return
+    mean_np, var_np = mean.detach().numpy(), var.detach().numpy()
+    if skip_nonfinite and not (np.isfinite(mean_np).all() and np.isfinite(var_np).all()):
+        if nonfinite_count is not None:
+            _add_one(nonfinite_count)
+        return
+    if num_batches_tracked is not None:
+        _add_one(num_batches_tracked)
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        factor = 1.0 / max(int(num_batches_tracked), 1)
+    else:
+        factor = momentum
+    # torch's formula: running = (1 - f) * running + f * batch, the variance unbiased
+    var_factor = factor * count / (count - 1) if count > 1 else factor
+    for running, batch, scale in ((running_mean, mean_np, factor), (running_var, var_np, var_factor)):
+        if running is not None:
+            array = running.detach().numpy()
+            array *= 1 - factor
+            array += scale * batch
+            torch.autograd.graph.increment_version(running)  # written behind torch's back: say so
+
+
+def _add_one(counter: Tensor) -> None:
+    counter.detach().numpy()[...] += 1
+    torch.autograd.graph.increment_version(counter)
+
+
+def _update_on_cpu_torch(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+                         skip_nonfinite, nonfinite_count) -> None:  # fmt: skip
+    """The same with torch calls, for dtypes NumPy lacks (bfloat16/float16 buffers)."""
+    if skip_nonfinite and not (bool(mean.isfinite().all()) and bool(var.isfinite().all())):
         if nonfinite_count is not None:
             nonfinite_count.add_(1)
         return
@@ -418,12 +458,6 @@ def _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_ba
             running.append(r)
             batch.append(b if b.dtype == r.dtype else b.to(r.dtype))
     torch._foreach_lerp_(running, batch, factor)  # running += factor * (batch - running)
-
-
-def _all_finite(t: Tensor) -> bool:
-    if t.dtype in (torch.float32, torch.float64):
-        return bool(np.isfinite(t.detach().numpy()).all())  # a NumPy check costs ~1 us, torch's ~20 us
-    return bool(t.isfinite().all())
 
 
 def batch_norm(
@@ -491,7 +525,7 @@ def batch_norm(
             return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps, False)
         y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
         if running_mean is not None or running_var is not None:
-            var = invstd.detach().pow(-2).sub_(eps)  # the biased variance back from 1 / sqrt(var + eps)
+            var = torch.from_numpy(invstd.detach().numpy() ** -2 - eps)  # biased variance, from 1/sqrt(var + eps)
             update_running_stats(
                 running_mean, running_var, mean.detach(), var, input.numel() // input.shape[1], momentum,
                 num_batches_tracked, skip_nonfinite, nonfinite_count,
