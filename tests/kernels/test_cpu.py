@@ -337,3 +337,13 @@ def test_freed_large_outputs_are_reused_never_while_alive(monkeypatch, gen):
     del third
     assert not any(cpu._pool.values())  # over the cap: nothing kept
     cpu.release_memory()
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1), (4, 3, 5), (6, 3, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stats_of_constant_channels_and_single_values(shape, channels_last):
+    x = torch.full(shape, 2.5)  # every channel constant: variance exactly 0
+    if channels_last:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    mean, var = kernels.get("numba").stats(x)
+    assert torch.equal(mean, torch.full((3,), 2.5)) and torch.equal(var, torch.zeros(3))

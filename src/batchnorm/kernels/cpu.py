@@ -248,7 +248,8 @@ class NumbaBackend(Backend):
         return self._forward(x, weight, bias, eps, write_y=True)
 
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        _, mean, var = self._forward(x, None, None, 0.0, write_y=False)
+        # eps only enters the (unused) scale; 1.0 keeps a constant channel from dividing by zero
+        _, mean, var = self._forward(x, None, None, 1.0, write_y=False)
         return mean, var
 
     def _forward(self, x, weight, bias, eps, write_y):
