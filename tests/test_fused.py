@@ -11,7 +11,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import batchnorm
 from batchnorm import activations
 from batchnorm import functional as F
-from tests.helpers import assert_close
+from tests.helpers import assert_close, saved_bytes
 
 ACTS = ["identity", "relu", ("leaky_relu", 0.2), ("elu", 0.7), "silu"]
 IDS = ["identity", "relu", "leaky_relu", "elu", "silu"]
@@ -162,19 +162,6 @@ def test_fused_layer_keeps_a_plain_state_dict_and_says_what_it_fuses():
 
 
 # --- what is kept for the backward -------------------------------------------------------
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of distinct storages that autograd keeps for the backward of ``fn()``."""
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def test_bn_relu_keeps_at_most_55_percent_of_torchs():

@@ -23,3 +23,12 @@ def trace(model: nn.Module) -> fx.GraphModule:
     graph = _Tracer().trace(model)
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
     return fx.GraphModule(model, graph, name)
+
+
+def call_counts(traced: fx.GraphModule) -> dict[str, int]:
+    """How many ``call_module`` nodes call each submodule (a layer called twice cannot be rewritten)."""
+    counts: dict[str, int] = {}
+    for node in traced.graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts

@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from . import activations, functional
-from ._fx import trace
+from ._fx import call_counts, trace
 from .activations import Activation
 
 __all__ = ["FrozenBatchNorm", "fold", "freeze"]
@@ -91,10 +91,7 @@ def fold(model: nn.Module) -> nn.Module:
     except Exception:  # untraceable Python in forward
         return freeze(model)
     modules = dict(traced.named_modules())
-    calls: dict[str, int] = {}
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = call_counts(traced)
     for node in list(traced.graph.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BN_TYPES):
             continue

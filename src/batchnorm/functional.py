@@ -414,14 +414,7 @@ def _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_ba
         if nonfinite_count is not None:
             _add_one(nonfinite_count)
         return
-    if num_batches_tracked is not None:
-        _add_one(num_batches_tracked)
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor = 1.0 / max(int(num_batches_tracked), 1)
-    else:
-        factor = momentum
+    factor = _count_batch(num_batches_tracked, momentum)
     # torch's formula: running = (1 - f) * running + f * batch, the variance unbiased
     var_factor = factor * count / (count - 1) if count > 1 else factor
     for running, batch, scale in ((running_mean, mean_np, factor), (running_var, var_np, var_factor)):
@@ -432,9 +425,23 @@ def _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_ba
             torch.autograd.graph.increment_version(running)  # written behind torch's back: say so
 
 
+def _count_batch(num_batches_tracked: Tensor | None, momentum: float | None) -> float:
+    """Count the batch (in place) and return the weight of its statistics."""
+    if num_batches_tracked is not None:
+        _add_one(num_batches_tracked)
+    if momentum is not None:
+        return momentum
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    return 1.0 / max(int(num_batches_tracked), 1)
+
+
 def _add_one(counter: Tensor) -> None:
-    counter.detach().numpy()[...] += 1
-    torch.autograd.graph.increment_version(counter)
+    if counter.dtype in (torch.int64, *_NUMPY_DTYPES):
+        counter.detach().numpy()[...] += 1
+        torch.autograd.graph.increment_version(counter)
+    else:
+        counter.add_(1)
 
 
 def _update_on_cpu_torch(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
@@ -442,16 +449,9 @@ def _update_on_cpu_torch(running_mean, running_var, mean, var, count, momentum, 
     """The same with torch calls, for dtypes NumPy lacks (bfloat16/float16 buffers)."""
     if skip_nonfinite and not (bool(mean.isfinite().all()) and bool(var.isfinite().all())):
         if nonfinite_count is not None:
-            nonfinite_count.add_(1)
+            _add_one(nonfinite_count)
         return
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        factor = 1.0 / max(int(num_batches_tracked), 1)
-    else:
-        factor = momentum
+    factor = _count_batch(num_batches_tracked, momentum)
     running, batch = [], []
     for r, b in ((running_mean, mean), (running_var, var * (count / (count - 1)) if count > 1 else var)):
         if r is not None:

@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from . import activations
-from ._fx import trace
+from ._fx import call_counts, trace
 from .activations import Activation
 from .convert import convert
 
@@ -96,10 +96,7 @@ def _fusable_bn(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, i
 
 def _fuse_graph(traced: fx.GraphModule) -> None:
     modules = dict(traced.named_modules())
-    calls: dict[str, int] = {}
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = call_counts(traced)
     for node in list(traced.graph.nodes):
         if not _fusable_bn(node, modules, calls):
             continue
