@@ -525,7 +525,8 @@ def batch_norm(
             return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps, False)
         y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
         if running_mean is not None or running_var is not None:
-            var = torch.from_numpy(invstd.detach().numpy() ** -2 - eps)  # biased variance, from 1/sqrt(var + eps)
+            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # a diverged batch: inf/NaN
+                var = torch.from_numpy(invstd.detach().numpy() ** -2 - eps)  # biased, from 1/sqrt(var + eps)
             update_running_stats(
                 running_mean, running_var, mean.detach(), var, input.numel() // input.shape[1], momentum,
                 num_batches_tracked, skip_nonfinite, nonfinite_count,
