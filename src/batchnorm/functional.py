@@ -52,7 +52,11 @@ def _forward_train_impl(
     """``act(BN(x) + residual)``; returns ``(y, mean, var, mask)``, ``mask`` empty unless kept."""
     x = prepare(x)
     x3 = as_ncl(x)
-    y3, mean, var = kernels.select(x3).forward_train(x3, weight, bias, eps)
+    backend = kernels.select(x3)
+    if residual is None and activation != "identity":  # the backend fuses the activation
+        y3, mean, var = backend.forward_train_act(x3, weight, bias, eps, Activation(activation, act_param))
+        return restore(y3, x), mean, var, x.new_empty((0,), dtype=torch.bool)
+    y3, mean, var = backend.forward_train(x3, weight, bias, eps)
     y = restore(y3, x)
     if residual is not None:
         y.add_(residual)
@@ -63,12 +67,25 @@ def _forward_train_impl(
 
 
 def _backward_train_impl(
-    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None = None,
+    activation: str = "identity",
+    act_param: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, sum_dz, sum_dz_xmu)`` for ``y = act(BN(x))``, ``dz = dy * act'(BN(x))``."""
     x = prepare(x)
     dy = dy.contiguous(memory_format=output_memory_format(x))
     x3, dy3 = as_ncl(x), as_ncl(dy)
-    dx3, sum_dy, sum_dy_xmu = kernels.select(x3).backward_train(dy3, x3, mean, invstd, weight)
+    backend = kernels.select(x3)
+    if activation == "identity":
+        dx3, sum_dy, sum_dy_xmu = backend.backward_train(dy3, x3, mean, invstd, weight)
+    else:
+        act = Activation(activation, act_param)
+        dx3, sum_dy, sum_dy_xmu = backend.backward_train_act(dy3, x3, mean, invstd, weight, bias, act)
     return restore(dx3, x), sum_dy, sum_dy_xmu
 
 
@@ -108,7 +125,7 @@ def _(x, weight, bias, eps, residual=None, activation="identity", act_param=0.0)
 
 
 @_backward_train_op.register_fake
-def _(dy, x, mean, invstd, weight):
+def _(dy, x, mean, invstd, weight, bias=None, activation="identity", act_param=0.0):
     dx = torch.empty_like(x, memory_format=output_memory_format(x))
     return dx, torch.empty_like(mean), torch.empty_like(mean)
 
@@ -195,6 +212,11 @@ def _train_backward_using(backward_train, affine):
             dx, dweight, dbias, dresidual = _composite_backward(ctx, dy, saved)
             return dx, dweight, dbias, None, dresidual, None, None
         invstd = torch.rsqrt(var + ctx.eps)
+        if not ctx.has_residual:  # the backend applies act'(BN(x)) itself, recomputed from x
+            dx, sum_dz, sum_dz_xmu = backward_train(dy, x, mean, invstd, weight, bias, act.name, act.param)
+            dweight = None if weight is None else (sum_dz_xmu * invstd).to(weight.dtype)
+            dbias = None if bias is None else sum_dz.to(bias.dtype)
+            return dx, dweight, dbias, None, None, None, None
         # dz = dy * act'(z), with z = BN(x) + residual: from the mask, the output, or recomputed
         if act.name == "identity":
             dz = dy

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import activations
+from ..activations import Activation
+
 Tensor = torch.Tensor
 
 
@@ -59,6 +62,30 @@ class Backend:
         sum_dy, sum_dy_xmu = self.backward_reduce(dy, x, mean)
         dx = self.backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu)
         return dx, sum_dy, sum_dy_xmu
+
+    def forward_train_act(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: Activation
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``act(BN(x))``: by default the fused forward, then the activation in place."""
+        y, mean, var = self.forward_train(x, weight, bias, eps)
+        return activations.apply_(y, act), mean, var
+
+    def backward_train_act(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        act: Activation,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The backward of ``act(BN(x))``: ``dz = dy * act'(BN(x))`` (``BN(x)`` recomputed from
+        ``x``), then :meth:`backward_train` on ``dz``; returns ``(dx, sum_dz, sum_dz_xmu)``."""
+        z = self.apply(x, *affine_from_stats(mean, invstd, weight, bias))
+        grad = activations.grad_from_input(z, act)
+        dz = dy if grad is None else dy * grad
+        return self.backward_train(dz, x, mean, invstd, weight)
 
 
 def affine_from_stats(
