@@ -12,7 +12,7 @@ from batchnorm.functional import composite_forward
 from tests.helpers import assert_close
 
 ACTS = [Activation("relu"), Activation("leaky_relu", 0.2), Activation("elu", 0.7), Activation("silu")]
-CPU_BACKENDS = [name for name in ("torch", "numba") if name in kernels.available()]
+CPU_BACKENDS = ["torch", "numba"]  # (not kernels.available(): that would import triton before its tests set it up)
 
 
 def _channels_last(x):
