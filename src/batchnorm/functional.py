@@ -212,31 +212,24 @@ def _train_backward_using(backward_train, affine):
             dx, dweight, dbias, dresidual = _composite_backward(ctx, dy, saved)
             return dx, dweight, dbias, None, dresidual, None, None
         invstd = torch.rsqrt(var + ctx.eps)
+        dresidual = None
         if not ctx.has_residual:  # the backend applies act'(BN(x)) itself, recomputed from x
             dx, sum_dz, sum_dz_xmu = backward_train(dy, x, mean, invstd, weight, bias, act.name, act.param)
-            dweight = None if weight is None else (sum_dz_xmu * invstd).to(weight.dtype)
-            dbias = None if bias is None else sum_dz.to(bias.dtype)
-            return dx, dweight, dbias, None, None, None, None
-        # dz = dy * act'(z), with z = BN(x) + residual: from the mask, the output, or recomputed
-        if act.name == "identity":
-            dz = dy
-        elif mask is not None:
-            dz = (
-                dy * mask
-                if act.name == "relu"
-                else dy * torch.where(mask, 1.0, torch.full((), act.param, dtype=dy.dtype, device=dy.device))
-            )
-        elif y is not None:
-            dz = dy * activations.grad_from_output(y, act)
-        else:
-            z = affine(x, *affine_from_stats(mean, invstd, weight, bias))
-            if residual is not None:
-                z = z + residual
-            dz = dy * activations.grad_from_input(z, act)
-        dx, sum_dz, sum_dz_xmu = backward_train(dz, x, mean, invstd, weight)
+        else:  # dz = dy * act'(BN(x) + residual): from the sign mask, the output, or recomputed
+            if act.name == "identity":
+                dz = dy
+            elif mask is not None:
+                slope = torch.full((), 0.0 if act.name == "relu" else act.param, dtype=dy.dtype, device=dy.device)
+                dz = dy * torch.where(mask, 1.0, slope)
+            elif y is not None:
+                dz = dy * activations.grad_from_output(y, act)
+            else:
+                z = affine(x, *affine_from_stats(mean, invstd, weight, bias)) + residual
+                dz = dy * activations.grad_from_input(z, act)
+            dx, sum_dz, sum_dz_xmu = backward_train(dz, x, mean, invstd, weight)
+            dresidual = dz
         dweight = None if weight is None else (sum_dz_xmu * invstd).to(weight.dtype)
         dbias = None if bias is None else sum_dz.to(bias.dtype)
-        dresidual = dz if ctx.has_residual else None
         return dx, dweight, dbias, None, dresidual, None, None
 
     return backward
