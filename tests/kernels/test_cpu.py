@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from batchnorm import kernels, reference
+from batchnorm.activations import Activation
 from batchnorm.kernels import cpu
+from batchnorm.kernels.base import Backend
 
 BACKEND = cpu.NumbaBackend()
 TORCH = kernels.get("torch")
@@ -174,6 +176,74 @@ def test_no_weight_no_bias(dtype_tol, threads, gen):
     dy = make((3, 4, 7), dtype, "channels_last", gen)
     dx, _, _ = BACKEND.backward_train(dy, x, mean, torch.rsqrt(var + EPS), None)
     check("dx", dx, reference.backward(dy.double().numpy(), cache)[0], rtol, atol, scale=100.0)
+
+
+ACTS = [
+    Activation(),
+    Activation("relu"),
+    Activation("leaky_relu", 0.2),
+    Activation("elu", 0.7),
+    Activation("silu"),
+]
+
+
+def _composed(x, weight, bias, dy, act):
+    """The base class's composition of the fused stages (our forward/backward, torch's activation)."""
+    y, mean, var = Backend.forward_train_act(BACKEND, x, weight, bias, EPS, act)
+    invstd = torch.rsqrt(var + EPS)
+    return (y, mean, var), Backend.backward_train_act(BACKEND, dy, x, mean, invstd, weight, bias, act)
+
+
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize("affine", [True, False])
+def test_fused_activation_stages_match_composition(dtype_tol, shape, layout, act, affine, threads, gen):
+    """The kernels' own activation (forward) and ``dz = dy * act'(z)`` (backward) against the
+    base class's composition on the same kernels, every layout, serial and parallel."""
+    dtype, rtol, atol = dtype_tol
+    x = make(shape, dtype, layout, gen)
+    dy = make(shape, dtype, "contiguous", gen)
+    weight, bias = params(shape[1], dtype, gen) if affine else (None, None)
+    y, mean, var = BACKEND.forward_train_act(x, weight, bias, EPS, act)
+    (y_ref, mean_ref, var_ref), (dx_ref, s1_ref, s2_ref) = _composed(x, weight, bias, dy, act)
+    assert torch.equal(mean, mean_ref) and torch.equal(var, var_ref)
+    scale = max(1.0, float(y_ref.abs().max()))
+    check("y", y, y_ref, rtol, atol, scale=scale)
+    if layout != "strided":
+        assert y.stride() == x.stride()
+    invstd = torch.rsqrt(var + EPS)
+    dx, s1, s2 = BACKEND.backward_train_act(dy, x, mean, invstd, weight, bias, act)
+    n = shape[0] * shape[2]
+    big = float(dy.abs().max()) * max(1.0, float((x.double() - mean.double()[:, None]).abs().max()))
+    check("sum_dz", s1, s1_ref, rtol, atol, scale=n * big)
+    check("sum_dz_xmu", s2, s2_ref, rtol, atol, scale=n * big)
+    terms = float(invstd.abs().max()) * (1.0 if weight is None else float(weight.abs().max())) * big
+    check("dx", dx, dx_ref, rtol, atol, scale=terms * 4)
+    assert dx.dtype == s1.dtype == s2.dtype == dtype
+    if layout != "strided":
+        assert dx.stride() == x.stride()
+
+
+@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_activation_nan_and_inf_as_composition(act, layout, threads, gen):
+    """NaN in x stays in its channel (through the activation), an infinite dy element spreads
+    where the composition spreads it: the same NaN pattern, and finite values agree."""
+    x = make((4, 3, 9), torch.float32, layout, gen)
+    x[1, 0, 2] = float("nan")
+    dy = make((4, 3, 9), torch.float32, layout, gen)
+    dy[2, 1, 3] = float("inf")
+    weight, bias = params(3, torch.float32, gen)
+    y, mean, var = BACKEND.forward_train_act(x, weight, bias, EPS, act)
+    (y_ref, _, _), (dx_ref, s1_ref, s2_ref) = _composed(x, weight, bias, dy, act)
+    dx, s1, s2 = BACKEND.backward_train_act(dy, x, mean, torch.rsqrt(var + EPS), weight, bias, act)
+    for name, a, e in [("y", y, y_ref), ("dx", dx, dx_ref), ("sum_dz", s1, s1_ref), ("sum_dz_xmu", s2, s2_ref)]:
+        assert torch.equal(torch.isnan(a), torch.isnan(e)), name
+        assert torch.equal(torch.isinf(a), torch.isinf(e)), name
+        finite = torch.isfinite(e)
+        check(name, a[finite], e[finite], 1e-4, 1e-4, scale=100.0)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -13,6 +13,15 @@ takes a ``splits`` count chosen by the launcher: the work items (channels x
 batch parts, or row blocks) are fixed by it, so results depend on the thread
 count only through ``splits`` and are the same run to run.
 
+The training kernels take an activation ``act`` (0 identity, 1 ReLU, 2
+LeakyReLU with slope ``alpha``): the forward writes
+``act(z)``, the backward uses ``dz = dy * act'(z)`` with ``z = (x - mean) * w *
+invstd + bias`` recomputed from x. The branch on ``act`` sits outside the inner
+loops (each loop is inlined once per activation, with ``act`` a constant), so
+the identity keeps its plain loop. ELU and SiLU are left to the launcher's
+composition: without SVML Numba calls a scalar ``exp`` per element, slower than
+torch's vectorized activation pass.
+
 Each kernel exists twice, built from the same Python function: ``PARALLEL``
 (``prange`` over the items, Numba's threading layer) and ``SERIAL`` (no thread
 launch: small tensors, forked children, concurrent callers).
@@ -31,6 +40,47 @@ from numba import prange
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 _helper = numba.njit(cache=True, fastmath=_FASTMATH, inline="always")
 _COLUMN_BLOCK = 512  # nlc: channels per block, so the float64 partial sums stay in L1
+
+
+# --- activations; ``act`` is a constant where these are inlined, so the branches fold ---
+
+
+@_helper
+def _act(z, act, al, zero, one):
+    """``act(z)`` in z's dtype (``zero``, ``one``, ``al`` are scalars of that dtype); NaN stays NaN."""
+    if act == 1:
+        return zero if z <= zero else z
+    if act == 2:
+        return z if z > zero else z * al
+    return z
+
+
+@_helper
+def _dact(z, act, al, zero, one):
+    """``act'(z)``, as ``activations.grad_from_input`` (ReLU' of NaN is 0, LeakyReLU' of NaN the slope)."""
+    if act == 1:
+        return one if z > zero else zero
+    if act == 2:
+        return one if z > zero else al
+    return one
+
+
+@_helper
+def _dz(g, xv, m, af, bf, act, al, zero, one):
+    """``dy * act'((x - m) * af + bf)``; ``dy`` itself for the identity."""
+    if act == 0:
+        return g
+    return g * _dact((xv - m) * af + bf, act, al, zero, one)
+
+
+@_helper
+def _consts(x, alpha):
+    """``(alpha, 0, 1)`` as scalars of x's dtype."""
+    cst = np.empty(3, dtype=x.dtype)
+    cst[0] = alpha
+    cst[1] = 0.0
+    cst[2] = 1.0
+    return cst[0], cst[1], cst[2]
 
 
 # --- per-channel helpers on the ncl layout; [j0, j1) is a range of the channel's N*L positions ---
@@ -52,20 +102,32 @@ def _ncl_sums(x, c, j0, j1, shift):
 
 
 @_helper
-def _ncl_normalize(x, y, c, j0, j1, m, a, b):
-    """``y = (x - m) * a + b`` on channel c, positions j0..j1 (scalars in x's dtype)."""
+def _ncl_normalize_loop(x, y, c, j0, j1, m, a, b, act, al, zero, one):
+    """``y = act((x - m) * a + b)`` on channel c, positions j0..j1 (scalars in x's dtype)."""
     L = x.shape[2]
     for n in range(j0 // L, (j1 + L - 1) // L):
         lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
         xs = x[n, c, lo:hi]  # <= L
         ys = y[n, c, lo:hi]  # <= L
         for i in range(xs.shape[0]):
-            ys[i] = (xs[i] - m) * a + b
+            ys[i] = _act((xs[i] - m) * a + b, act, al, zero, one)
 
 
 @_helper
-def _ncl_grad_sums(dy, x, c, j0, j1, mean):
-    """``sum(dy)``, ``sum(dy * (x - mean))`` on channel c, positions j0..j1, in float64."""
+def _ncl_normalize(x, y, c, j0, j1, m, a, b, act, al, zero, one):
+    """:func:`_ncl_normalize_loop` with ``act`` made a constant (one loop per activation)."""
+    if act == 0:
+        _ncl_normalize_loop(x, y, c, j0, j1, m, a, b, 0, al, zero, one)
+    elif act == 1:
+        _ncl_normalize_loop(x, y, c, j0, j1, m, a, b, 1, al, zero, one)
+    else:
+        _ncl_normalize_loop(x, y, c, j0, j1, m, a, b, 2, al, zero, one)
+
+
+@_helper
+def _ncl_grad_sums_loop(dy, x, c, j0, j1, mean, mx, af, bf, act, al, zero, one):
+    """``sum(dz)``, ``sum(dz * (x - mean))`` on channel c, positions j0..j1, in float64, with
+    ``dz = dy * act'((x - mx) * af + bf)`` (``mx``, ``af``, ``bf`` in x's dtype)."""
     L = x.shape[2]
     s1 = 0.0
     s2 = 0.0
@@ -74,15 +136,26 @@ def _ncl_grad_sums(dy, x, c, j0, j1, mean):
         gs = dy[n, c, lo:hi]  # <= L
         xs = x[n, c, lo:hi]  # <= L
         for i in range(xs.shape[0]):
-            g = np.float64(gs[i])
+            g = np.float64(_dz(gs[i], xs[i], mx, af, bf, act, al, zero, one))
             s1 += g
             s2 += g * (np.float64(xs[i]) - mean)
     return s1, s2
 
 
 @_helper
-def _ncl_grad_input(dy, x, dx, c, j0, j1, k, m, a, b):
-    """``dx = dy * k + (x - m) * a + b`` on channel c, positions j0..j1."""
+def _ncl_grad_sums(dy, x, c, j0, j1, mean, mx, af, bf, act, al, zero, one):
+    """:func:`_ncl_grad_sums_loop` with ``act`` made a constant."""
+    if act == 0:
+        return _ncl_grad_sums_loop(dy, x, c, j0, j1, mean, mx, af, bf, 0, al, zero, one)
+    if act == 1:
+        return _ncl_grad_sums_loop(dy, x, c, j0, j1, mean, mx, af, bf, 1, al, zero, one)
+    return _ncl_grad_sums_loop(dy, x, c, j0, j1, mean, mx, af, bf, 2, al, zero, one)
+
+
+@_helper
+def _ncl_grad_input_loop(dy, x, dx, c, j0, j1, k, m, a, b, af, bf, act, al, zero, one):
+    """``dx = dz * k + (x - m) * a + b`` on channel c, positions j0..j1, ``dz`` as in
+    :func:`_ncl_grad_sums_loop`."""
     L = x.shape[2]
     for n in range(j0 // L, (j1 + L - 1) // L):
         lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
@@ -90,7 +163,18 @@ def _ncl_grad_input(dy, x, dx, c, j0, j1, k, m, a, b):
         xs = x[n, c, lo:hi]  # <= L
         out = dx[n, c, lo:hi]  # <= L
         for i in range(xs.shape[0]):
-            out[i] = gs[i] * k + (xs[i] - m) * a + b
+            out[i] = _dz(gs[i], xs[i], m, af, bf, act, al, zero, one) * k + (xs[i] - m) * a + b
+
+
+@_helper
+def _ncl_grad_input(dy, x, dx, c, j0, j1, k, m, a, b, af, bf, act, al, zero, one):
+    """:func:`_ncl_grad_input_loop` with ``act`` made a constant."""
+    if act == 0:
+        _ncl_grad_input_loop(dy, x, dx, c, j0, j1, k, m, a, b, af, bf, 0, al, zero, one)
+    elif act == 1:
+        _ncl_grad_input_loop(dy, x, dx, c, j0, j1, k, m, a, b, af, bf, 1, al, zero, one)
+    else:
+        _ncl_grad_input_loop(dy, x, dx, c, j0, j1, k, m, a, b, af, bf, 2, al, zero, one)
 
 
 @_helper
@@ -127,11 +211,83 @@ def _rows(s, splits, R):
     return s * R // splits, (s + 1) * R // splits
 
 
+# --- row loops on the nlc layout, rows [r0, r1) ---
+
+
+@_helper
+def _nlc_normalize_loop(x, y, r0, r1, m, a, b, act, al, zero, one):
+    """``y = act((x - m) * a + b)`` on rows r0..r1 (per-channel vectors of x's dtype)."""
+    C = x.shape[1]
+    for r in range(r0, r1):
+        xr = x[r]  # C
+        yr = y[r]  # C
+        for c in range(C):
+            yr[c] = _act((xr[c] - m[c]) * a[c] + b[c], act, al, zero, one)
+
+
+@_helper
+def _nlc_normalize(x, y, r0, r1, m, a, b, act, al, zero, one):
+    """:func:`_nlc_normalize_loop` with ``act`` made a constant."""
+    if act == 0:
+        _nlc_normalize_loop(x, y, r0, r1, m, a, b, 0, al, zero, one)
+    elif act == 1:
+        _nlc_normalize_loop(x, y, r0, r1, m, a, b, 1, al, zero, one)
+    else:
+        _nlc_normalize_loop(x, y, r0, r1, m, a, b, 2, al, zero, one)
+
+
+@_helper
+def _nlc_grad_sums_loop(dy, x, r0, r1, c0, c1, a1, a2, mb, mx, af, bf, act, al, zero, one):
+    """Adds ``dz`` and ``dz * (x - mean)`` of rows r0..r1, channels c0..c1 to ``a1``, ``a2``
+    (float64 blocks; ``mb`` the float64 mean, ``mx``, ``af``, ``bf`` z's coefficients)."""
+    for r in range(r0, r1):
+        gr = dy[r, c0:c1]  # block of C
+        xr = x[r, c0:c1]  # block of C
+        for j in range(gr.shape[0]):
+            g = np.float64(_dz(gr[j], xr[j], mx[j], af[j], bf[j], act, al, zero, one))
+            a1[j] += g
+            a2[j] += g * (np.float64(xr[j]) - mb[j])
+
+
+@_helper
+def _nlc_grad_sums(dy, x, r0, r1, c0, c1, a1, a2, mb, mx, af, bf, act, al, zero, one):
+    """:func:`_nlc_grad_sums_loop` with ``act`` made a constant."""
+    if act == 0:
+        _nlc_grad_sums_loop(dy, x, r0, r1, c0, c1, a1, a2, mb, mx, af, bf, 0, al, zero, one)
+    elif act == 1:
+        _nlc_grad_sums_loop(dy, x, r0, r1, c0, c1, a1, a2, mb, mx, af, bf, 1, al, zero, one)
+    else:
+        _nlc_grad_sums_loop(dy, x, r0, r1, c0, c1, a1, a2, mb, mx, af, bf, 2, al, zero, one)
+
+
+@_helper
+def _nlc_grad_input_loop(dy, x, dx, r0, r1, k, m, a, b, af, bf, act, al, zero, one):
+    """``dx = dz * k + (x - m) * a + b`` on rows r0..r1 (per-channel vectors of x's dtype)."""
+    C = x.shape[1]
+    for r in range(r0, r1):
+        gr = dy[r]  # C
+        xr = x[r]  # C
+        out = dx[r]  # C
+        for c in range(C):
+            out[c] = _dz(gr[c], xr[c], m[c], af[c], bf[c], act, al, zero, one) * k[c] + (xr[c] - m[c]) * a[c] + b[c]
+
+
+@_helper
+def _nlc_grad_input(dy, x, dx, r0, r1, k, m, a, b, af, bf, act, al, zero, one):
+    """:func:`_nlc_grad_input_loop` with ``act`` made a constant."""
+    if act == 0:
+        _nlc_grad_input_loop(dy, x, dx, r0, r1, k, m, a, b, af, bf, 0, al, zero, one)
+    elif act == 1:
+        _nlc_grad_input_loop(dy, x, dx, r0, r1, k, m, a, b, af, bf, 1, al, zero, one)
+    else:
+        _nlc_grad_input_loop(dy, x, dx, r0, r1, k, m, a, b, af, bf, 2, al, zero, one)
+
+
 # --- kernels: ncl layout ---
 
 
-def ncl_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out):
-    """Training forward on x[N, C, L]: statistics, and ``y`` if ``write_y``.
+def ncl_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out, act, alpha):
+    """Training forward on x[N, C, L]: statistics, and ``y = act(BN(x))`` if ``write_y``.
 
     ``splits == 1``: one item per channel, normalized right after its statistics
     while its slice is still in cache. ``splits > 1`` (few channels): each
@@ -140,13 +296,14 @@ def ncl_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out):
     N, C, L = x.shape
     n = N * L
     coef = np.empty((C, 3), dtype=x.dtype)  # C: mean, scale, shift in x's dtype
+    al, zero, one = _consts(x, alpha)
     if splits == 1:
         for c in prange(C):
             shift = np.float64(x[0, c, 0])
             s1, s2 = _ncl_sums(x, c, 0, n, shift)
             _finish_stats(s1, s2, n, shift, eps, w, b, coef, mean_out, var_out, c)
             if write_y:
-                _ncl_normalize(x, y, c, 0, n, coef[c, 0], coef[c, 1], coef[c, 2])
+                _ncl_normalize(x, y, c, 0, n, coef[c, 0], coef[c, 1], coef[c, 2], act, al, zero, one)
     else:
         part = np.empty((C * splits, 2))  # C*splits: shifted sums
         for item in prange(C * splits):
@@ -167,24 +324,49 @@ def ncl_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out):
                 s = item % splits
                 j0 = s * n // splits
                 j1 = (s + 1) * n // splits
-                _ncl_normalize(x, y, c, j0, j1, coef[c, 0], coef[c, 1], coef[c, 2])
+                _ncl_normalize(x, y, c, j0, j1, coef[c, 0], coef[c, 1], coef[c, 2], act, al, zero, one)
 
 
-def ncl_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu):
+def ncl_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu, bias, act, alpha):
     """Backward on x[N, C, L]: ``mode`` 0 sums only, 1 sums then ``dx`` (channel in cache),
-    2 ``dx`` from the given ``sum_dy``/``sum_dy_xmu``."""
+    2 ``dx`` from the given ``sum_dy``/``sum_dy_xmu``. ``dy`` is taken through the activation
+    (``dz = dy * act'(z)``, ``z = (x - mean) * w * invstd + bias``); the sums are of ``dz``."""
     N, C, L = x.shape
     n = N * L
     coef = np.empty((C, 4), dtype=x.dtype)  # C: k, mean, a, b
+    zc = np.empty((C, 2), dtype=x.dtype)  # C: w * invstd, bias (z from x)
+    for c in range(C):
+        zc[c, 0] = w[c] * invstd[c]
+        zc[c, 1] = bias[c]
+    al, zero, one = _consts(x, alpha)
     if mode == 2:
         for c in range(C):
             _finish_grad(sum_dy[c], sum_dy_xmu[c], n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
     elif splits == 1:
         for c in prange(C):
-            s1, s2 = _ncl_grad_sums(dy, x, c, 0, n, np.float64(mean[c]))
+            s1, s2 = _ncl_grad_sums(
+                dy, x, c, 0, n, np.float64(mean[c]), mean[c], zc[c, 0], zc[c, 1], act, al, zero, one
+            )
             _finish_grad(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
             if mode == 1:
-                _ncl_grad_input(dy, x, dx, c, 0, n, coef[c, 0], coef[c, 1], coef[c, 2], coef[c, 3])
+                _ncl_grad_input(
+                    dy,
+                    x,
+                    dx,
+                    c,
+                    0,
+                    n,
+                    coef[c, 0],
+                    coef[c, 1],
+                    coef[c, 2],
+                    coef[c, 3],
+                    zc[c, 0],
+                    zc[c, 1],
+                    act,
+                    al,
+                    zero,
+                    one,
+                )
         return
     else:
         part = np.empty((C * splits, 2))  # C*splits: partial sums
@@ -193,7 +375,9 @@ def ncl_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu):
             s = item % splits
             j0 = s * n // splits
             j1 = (s + 1) * n // splits
-            part[item, 0], part[item, 1] = _ncl_grad_sums(dy, x, c, j0, j1, np.float64(mean[c]))
+            part[item, 0], part[item, 1] = _ncl_grad_sums(
+                dy, x, c, j0, j1, np.float64(mean[c]), mean[c], zc[c, 0], zc[c, 1], act, al, zero, one
+            )
         for c in range(C):
             s1 = 0.0
             s2 = 0.0
@@ -207,7 +391,24 @@ def ncl_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu):
             s = item % splits
             j0 = s * n // splits
             j1 = (s + 1) * n // splits
-            _ncl_grad_input(dy, x, dx, c, j0, j1, coef[c, 0], coef[c, 1], coef[c, 2], coef[c, 3])
+            _ncl_grad_input(
+                dy,
+                x,
+                dx,
+                c,
+                j0,
+                j1,
+                coef[c, 0],
+                coef[c, 1],
+                coef[c, 2],
+                coef[c, 3],
+                zc[c, 0],
+                zc[c, 1],
+                act,
+                al,
+                zero,
+                one,
+            )
 
 
 def ncl_apply(x, scale, shift, y, splits):
@@ -229,9 +430,9 @@ def ncl_apply(x, scale, shift, y, splits):
 # --- kernels: nlc layout (rows of C) ---
 
 
-def nlc_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out):
+def nlc_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out, act, alpha):
     """Training forward on x[R, C]: ``splits`` row blocks summed in parallel, merged,
-    then ``y`` written block by block (a block still in cache is read from there)."""
+    then ``y = act(BN(x))`` written block by block (a block still in cache is read from there)."""
     R, C = x.shape
     shift = np.empty(C)  # C: each channel's first value
     for c in range(C):
@@ -265,21 +466,21 @@ def nlc_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out):
         coef[1, c] = w[c] / np.sqrt(var + eps)
         coef[2, c] = b[c]
     if write_y:
-        m = coef[0]
-        a = coef[1]
-        bb = coef[2]
+        al, zero, one = _consts(x, alpha)
         for s in prange(splits):
             r0, r1 = _rows(s, splits, R)
-            for r in range(r0, r1):
-                xr = x[r]  # C
-                yr = y[r]  # C
-                for c in range(C):
-                    yr[c] = (xr[c] - m[c]) * a[c] + bb[c]
+            _nlc_normalize(x, y, r0, r1, coef[0], coef[1], coef[2], act, al, zero, one)
 
 
-def nlc_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu):
-    """Backward on x[R, C]; ``mode`` as in :func:`ncl_backward`."""
+def nlc_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu, bias, act, alpha):
+    """Backward on x[R, C]; ``mode`` and the activation as in :func:`ncl_backward`."""
     R, C = x.shape
+    zc = np.empty((3, C), dtype=x.dtype)  # mean, w * invstd, bias (z from x)
+    for c in range(C):
+        zc[0, c] = mean[c]
+        zc[1, c] = w[c] * invstd[c]
+        zc[2, c] = bias[c]
+    al, zero, one = _consts(x, alpha)
     if mode != 2:
         mean64 = np.empty(C)  # C
         for c in range(C):
@@ -291,14 +492,24 @@ def nlc_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu):
                 c1 = min(c0 + _COLUMN_BLOCK, C)
                 a1 = part[s, 0, c0:c1]  # block of C
                 a2 = part[s, 1, c0:c1]  # block of C
-                mb = mean64[c0:c1]  # block of C
-                for r in range(r0, r1):
-                    gr = dy[r, c0:c1]  # block of C
-                    xr = x[r, c0:c1]  # block of C
-                    for j in range(gr.shape[0]):
-                        g = np.float64(gr[j])
-                        a1[j] += g
-                        a2[j] += g * (np.float64(xr[j]) - mb[j])
+                _nlc_grad_sums(
+                    dy,
+                    x,
+                    r0,
+                    r1,
+                    c0,
+                    c1,
+                    a1,
+                    a2,
+                    mean64[c0:c1],
+                    zc[0, c0:c1],
+                    zc[1, c0:c1],
+                    zc[2, c0:c1],
+                    act,
+                    al,
+                    zero,
+                    one,
+                )
         for c in range(C):
             s1 = 0.0
             s2 = 0.0
@@ -317,18 +528,9 @@ def nlc_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu):
         coef[1, c] = mean[c]
         coef[2, c] = -k * istd * istd * np.float64(sum_dy_xmu[c]) / R
         coef[3, c] = -k * np.float64(sum_dy[c]) / R
-    k = coef[0]
-    m = coef[1]
-    a = coef[2]
-    b = coef[3]
     for s in prange(splits):
         r0, r1 = _rows(s, splits, R)
-        for r in range(r0, r1):
-            gr = dy[r]  # C
-            xr = x[r]  # C
-            out = dx[r]  # C
-            for c in range(C):
-                out[c] = gr[c] * k[c] + (xr[c] - m[c]) * a[c] + b[c]
+        _nlc_grad_input(dy, x, dx, r0, r1, coef[0], coef[1], coef[2], coef[3], zc[1], zc[2], act, al, zero, one)
 
 
 def nlc_apply(x, scale, shift, y, splits):

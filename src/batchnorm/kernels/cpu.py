@@ -30,6 +30,7 @@ import numba
 import numpy as np
 import torch
 
+from ..activations import Activation
 from . import _cpu_loops as loops
 from .base import Backend
 
@@ -50,6 +51,10 @@ PREFER_MIN_ROWS_NUMEL = 1 << 20
 PREFER_MIN_CHANNELS_LAST_L = 2048
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+# The activation codes the loops take (see ``_cpu_loops``). ELU and SiLU are not among them:
+# the loops' scalar exp made the fused kernels slower than the base class's composition
+# (torch's vectorized activation pass), so those take the composition.
+_ACT_CODE = {"identity": 0, "relu": 1, "leaky_relu": 2}
 _launch = threading.Lock()  # one parallel launch at a time (the workqueue layer needs it)
 _state = {"forked": False, "launched": False, "announced": False}
 
@@ -247,12 +252,22 @@ class NumbaBackend(Backend):
     ) -> tuple[Tensor, Tensor, Tensor]:
         return self._forward(x, weight, bias, eps, write_y=True)
 
+    def forward_train_act(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: Activation
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``act(BN(x))`` written by the forward kernel itself (no second pass over y) for the
+        activations in ``_ACT_CODE``; the others compose as in the base class."""
+        code = _ACT_CODE.get(act.name)
+        if code is None:
+            return super().forward_train_act(x, weight, bias, eps, act)
+        return self._forward(x, weight, bias, eps, write_y=True, act=code, alpha=act.param)
+
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         # eps only enters the (unused) scale; 1.0 keeps a constant channel from dividing by zero
         _, mean, var = self._forward(x, None, None, 1.0, write_y=False)
         return mean, var
 
-    def _forward(self, x, weight, bias, eps, write_y):
+    def _forward(self, x, weight, bias, eps, write_y, act=0, alpha=0.0):
         n, c, l = x.shape
         mean = torch.empty(c, dtype=x.dtype)
         var = torch.empty(c, dtype=x.dtype)
@@ -269,10 +284,14 @@ class NumbaBackend(Backend):
             _call(
                 "ncl_forward",
                 x.numel(),
-                lambda t: (xa, w, b, eps, _ncl_splits(t, n * l, c), write_y, ya, ma, va),
+                lambda t: (xa, w, b, eps, _ncl_splits(t, n * l, c), write_y, ya, ma, va, act, alpha),
             )
         else:
-            _call("nlc_forward", x.numel(), lambda t: (xa, w, b, eps, _nlc_splits(t, n * l), write_y, ya, ma, va))
+            _call(
+                "nlc_forward",
+                x.numel(),
+                lambda t: (xa, w, b, eps, _nlc_splits(t, n * l), write_y, ya, ma, va, act, alpha),
+            )
         return (y if write_y else None), mean, var
 
     def apply(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -298,6 +317,23 @@ class NumbaBackend(Backend):
     ) -> tuple[Tensor, Tensor, Tensor]:
         return self._backward(dy, x, mean, invstd, weight, None, None, mode=1)
 
+    def backward_train_act(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        act: Activation,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Both passes of the backward kernel take ``dz = dy * act'(z)``, ``z`` recomputed from x
+        (no ``z`` or ``dz`` tensor), for the activations in ``_ACT_CODE``; the others compose."""
+        code = _ACT_CODE.get(act.name)
+        if code is None:
+            return super().backward_train_act(dy, x, mean, invstd, weight, bias, act)
+        return self._backward(dy, x, mean, invstd, weight, None, None, mode=1, bias=bias, act=code, alpha=act.param)
+
     def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
         ones = torch.ones_like(mean)
         _, sum_dy, sum_dy_xmu = self._backward(dy, x, mean, ones, None, None, None, mode=0)
@@ -316,7 +352,7 @@ class NumbaBackend(Backend):
         dx, _, _ = self._backward(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, mode=2)
         return dx
 
-    def _backward(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, mode):
+    def _backward(self, dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, mode, bias=None, act=0, alpha=0.0):
         n, c, l = x.shape
         dtype = x.dtype
         out_dy = torch.empty(c, dtype=dtype)
@@ -334,16 +370,20 @@ class NumbaBackend(Backend):
         dx = _empty_like(x) if mode != 0 else x
         xa, ga, dxa = _view(x, layout), _view(dy, layout), _view(dx, layout)
         ma, sa = _vec(mean, c, dtype, 0.0), _vec(invstd, c, dtype, 1.0)
-        w = _vec(weight, c, dtype, 1.0)
+        w, b = _vec(weight, c, dtype, 1.0), _vec(bias, c, dtype, 0.0)
         s1, s2 = out_dy.numpy(), out_dyxmu.numpy()
         if layout == "ncl":
             _call(
                 "ncl_backward",
                 x.numel(),
-                lambda t: (ga, xa, ma, sa, w, _ncl_splits(t, n * l, c), mode, dxa, s1, s2),
+                lambda t: (ga, xa, ma, sa, w, _ncl_splits(t, n * l, c), mode, dxa, s1, s2, b, act, alpha),
             )
         else:
-            _call("nlc_backward", x.numel(), lambda t: (ga, xa, ma, sa, w, _nlc_splits(t, n * l), mode, dxa, s1, s2))
+            _call(
+                "nlc_backward",
+                x.numel(),
+                lambda t: (ga, xa, ma, sa, w, _nlc_splits(t, n * l), mode, dxa, s1, s2, b, act, alpha),
+            )
         return (dx if mode != 0 else None), out_dy, out_dyxmu
 
 
