@@ -33,8 +33,9 @@ DTYPES = [
     pytest.param((torch.float32, 1e-5, 1e-5), id="float32"),
     pytest.param((torch.float64, 1e-12, 1e-12), id="float64"),
 ]
-# (N, C, L): primes, 1-sized dimensions, N*L == 2, (B, N) as L == 1, a late ResNet layer.
-SHAPES = [(2, 3, 5), (1, 7, 2), (2, 5, 1), (13, 1, 11), (3, 17, 1), (5, 4, 9), (1, 2, 131), (4, 64, 49)]
+# (N, C, L): primes, 1-sized dimensions, N*L == 2, (B, N) as L == 1, a late ResNet layer, and
+# runs and row counts longer than the kernels' blocks summed in float32 (256 values, 64 rows).
+SHAPES = [(2, 3, 5), (1, 7, 2), (2, 5, 1), (13, 1, 11), (3, 17, 1), (5, 4, 9), (1, 2, 131), (4, 64, 49), (6, 3, 300)]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 
@@ -255,6 +256,28 @@ def test_float32_variance_of_data_far_from_zero(layout, threads, gen):
     np.testing.assert_allclose(var.double().numpy(), expected, rtol=1e-4)
     _, _, var2 = BACKEND.forward_train(x, None, None, EPS)
     np.testing.assert_allclose(var2.double().numpy(), expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float32_backward_of_data_far_from_zero(layout, threads, gen):
+    """Mean 1e4, std 1: ``x - mean`` summed in float32 blocks keeps the gradients to 1e-4 of the
+    float64 result for the same (float32) saved mean and invstd."""
+    x = make((8, 3, 401), torch.float32, layout, gen, loc=1e4)
+    dy = make((8, 3, 401), torch.float32, layout, gen, loc=0.5)
+    weight, _ = params(3, torch.float32, gen)
+    mean, var = BACKEND.stats(x)
+    invstd = torch.rsqrt(var + EPS)
+    dx, sum_dy, sum_dy_xmu = BACKEND.backward_train(dy, x, mean, invstd, weight)
+    x64, g64 = x.double().numpy(), dy.double().numpy()
+    m64, s64, w64 = (t.double().numpy()[None, :, None] for t in (mean, invstd, weight))
+    n = x.shape[0] * x.shape[2]
+    expect_dy = g64.sum(axis=(0, 2))
+    expect_dy_xmu = (g64 * (x64 - m64)).sum(axis=(0, 2))
+    xhat = (x64 - m64) * s64
+    expect_dx = w64 * s64 * (g64 - expect_dy[None, :, None] / n - xhat * (g64 * xhat).sum(axis=(0, 2))[None, :, None] / n)
+    check("sum_dy", sum_dy, expect_dy, 1e-5, 1e-4)
+    check("sum_dy_xmu", sum_dy_xmu, expect_dy_xmu, 1e-4, 1e-3)
+    check("dx", dx, expect_dx, 1e-4, 1e-4, scale=float(np.abs(expect_dx).max()))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -7,8 +7,11 @@ Two layouts, both C-contiguous NumPy views of the caller's tensor:
   input), a channel is a column.
 
 Statistics accumulate ``d = x - shift`` (``shift`` = the channel's first value)
-and ``d * d`` in float64, one pass, so data far from zero (mean 1e4, std 1) keep
-their variance; partial sums over parts of the batch simply add. Every kernel
+and ``d * d``, one pass, so data far from zero (mean 1e4, std 1) keep their
+variance; partial sums over parts of the batch simply add. Sums run in x's
+dtype over blocks of at most ``_BLOCK`` values (SIMD lanes of float32: twice
+the width of float64, and each lane adds only a few dozen values), and the
+block sums add up in float64. Every kernel
 takes a ``splits`` count chosen by the launcher: the work items (channels x
 batch parts, or row blocks) are fixed by it, so results depend on the thread
 count only through ``splits`` and are the same run to run.
@@ -39,7 +42,9 @@ from numba import prange
 # NaN and Inf in the input must reach the output as they would in torch.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 _helper = numba.njit(cache=True, fastmath=_FASTMATH, inline="always")
-_COLUMN_BLOCK = 512  # nlc: channels per block, so the float64 partial sums stay in L1
+_COLUMN_BLOCK = 512  # nlc: channels per block, so the partial sums stay in L1
+_BLOCK = 256  # ncl: values per block sum in x's dtype
+_ROW_BLOCK = 64  # nlc: rows per block sum in x's dtype
 
 
 # --- activations; ``act`` is a constant where these are inlined, so the branches fold ---
@@ -87,17 +92,24 @@ def _consts(x, alpha):
 
 
 @_helper
-def _ncl_sums(x, c, j0, j1, shift):
-    """``sum(d)``, ``sum(d*d)`` with ``d = x[:, c, :] - shift`` over positions j0..j1."""
+def _ncl_sums(x, c, j0, j1, shift, zero):
+    """``sum(d)``, ``sum(d*d)`` in float64, ``d = x[:, c, :] - shift`` over positions j0..j1
+    (``shift``, ``zero`` in x's dtype; block sums in x's dtype)."""
     L = x.shape[2]
     s1 = 0.0
     s2 = 0.0
     for n in range(j0 // L, (j1 + L - 1) // L):
         seg = x[n, c, max(j0 - n * L, 0) : min(j1 - n * L, L)]  # <= L
-        for i in range(seg.shape[0]):  # a range from 0, so no negative-index checks: vectorizes
-            d = np.float64(seg[i]) - shift
-            s1 += d
-            s2 += d * d
+        for k in range(0, seg.shape[0], _BLOCK):
+            blk = seg[k : min(k + _BLOCK, seg.shape[0])]  # <= _BLOCK
+            p1 = zero
+            p2 = zero
+            for i in range(blk.shape[0]):  # a range from 0, so no negative-index checks: vectorizes
+                d = blk[i] - shift
+                p1 += d
+                p2 += d * d
+            s1 += np.float64(p1)
+            s2 += np.float64(p2)
     return s1, s2
 
 
@@ -127,19 +139,26 @@ def _ncl_normalize(x, y, c, j0, j1, m, a, b, act, al, zero, one):
 @_helper
 def _ncl_grad_sums_loop(dy, x, c, j0, j1, mean, mx, af, bf, act, al, zero, one):
     """``sum(dz)``, ``sum(dz * (x - mean))`` on channel c, positions j0..j1, in float64, with
-    ``dz = dy * act'((x - mx) * af + bf)`` (``mx``, ``af``, ``bf`` in x's dtype)."""
+    ``dz = dy * act'((x - mx) * af + bf)`` (``mx``, ``af``, ``bf`` in x's dtype, ``mx`` the
+    float64 ``mean`` rounded). Block sums in x's dtype take ``x - mx``, exact near the mean;
+    the float64 total adds back ``(mx - mean) * sum(dz)``."""
     L = x.shape[2]
     s1 = 0.0
     s2 = 0.0
     for n in range(j0 // L, (j1 + L - 1) // L):
         lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
-        gs = dy[n, c, lo:hi]  # <= L
-        xs = x[n, c, lo:hi]  # <= L
-        for i in range(xs.shape[0]):
-            g = np.float64(_dz(gs[i], xs[i], mx, af, bf, act, al, zero, one))
-            s1 += g
-            s2 += g * (np.float64(xs[i]) - mean)
-    return s1, s2
+        for k in range(lo, hi, _BLOCK):
+            gs = dy[n, c, k : min(k + _BLOCK, hi)]  # <= _BLOCK
+            xs = x[n, c, k : min(k + _BLOCK, hi)]  # <= _BLOCK
+            p1 = zero
+            p2 = zero
+            for i in range(xs.shape[0]):
+                g = _dz(gs[i], xs[i], mx, af, bf, act, al, zero, one)
+                p1 += g
+                p2 += g * (xs[i] - mx)
+            s1 += np.float64(p1)
+            s2 += np.float64(p2)
+    return s1, s2 + (np.float64(mx) - mean) * s1
 
 
 @_helper
@@ -238,15 +257,26 @@ def _nlc_normalize(x, y, r0, r1, m, a, b, act, al, zero, one):
 
 @_helper
 def _nlc_grad_sums_loop(dy, x, r0, r1, c0, c1, a1, a2, mb, mx, af, bf, act, al, zero, one):
-    """Adds ``dz`` and ``dz * (x - mean)`` of rows r0..r1, channels c0..c1 to ``a1``, ``a2``
-    (float64 blocks; ``mb`` the float64 mean, ``mx``, ``af``, ``bf`` z's coefficients)."""
-    for r in range(r0, r1):
-        gr = dy[r, c0:c1]  # block of C
-        xr = x[r, c0:c1]  # block of C
-        for j in range(gr.shape[0]):
-            g = np.float64(_dz(gr[j], xr[j], mx[j], af[j], bf[j], act, al, zero, one))
-            a1[j] += g
-            a2[j] += g * (np.float64(xr[j]) - mb[j])
+    """Adds ``dz`` and ``dz * (x - mx)`` of rows r0..r1, channels c0..c1 to ``a1``, ``a2``
+    (float64 blocks; ``mx``, ``af``, ``bf`` z's coefficients in x's dtype, ``mx`` the float64
+    mean ``mb`` rounded: the caller corrects ``a2`` by ``(mx - mb) * a1``). Sums of
+    ``_ROW_BLOCK`` rows run in x's dtype."""
+    p = np.empty((2, c1 - c0), dtype=x.dtype)  # 2,block of C
+    p1 = p[0]
+    p2 = p[1]
+    for rb in range(r0, r1, _ROW_BLOCK):
+        p1[:] = 0
+        p2[:] = 0
+        for r in range(rb, min(rb + _ROW_BLOCK, r1)):
+            gr = dy[r, c0:c1]  # block of C
+            xr = x[r, c0:c1]  # block of C
+            for j in range(gr.shape[0]):
+                g = _dz(gr[j], xr[j], mx[j], af[j], bf[j], act, al, zero, one)
+                p1[j] += g
+                p2[j] += g * (xr[j] - mx[j])
+        for j in range(p1.shape[0]):
+            a1[j] += p1[j]
+            a2[j] += p2[j]
 
 
 @_helper
@@ -299,9 +329,9 @@ def ncl_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out, act, alpha)
     al, zero, one = _consts(x, alpha)
     if splits == 1:
         for c in prange(C):
-            shift = np.float64(x[0, c, 0])
-            s1, s2 = _ncl_sums(x, c, 0, n, shift)
-            _finish_stats(s1, s2, n, shift, eps, w, b, coef, mean_out, var_out, c)
+            shift = x[0, c, 0]
+            s1, s2 = _ncl_sums(x, c, 0, n, shift, zero)
+            _finish_stats(s1, s2, n, np.float64(shift), eps, w, b, coef, mean_out, var_out, c)
             if write_y:
                 _ncl_normalize(x, y, c, 0, n, coef[c, 0], coef[c, 1], coef[c, 2], act, al, zero, one)
     else:
@@ -309,8 +339,7 @@ def ncl_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out, act, alpha)
         for item in prange(C * splits):
             c = item // splits
             s = item % splits
-            shift = np.float64(x[0, c, 0])
-            part[item, 0], part[item, 1] = _ncl_sums(x, c, s * n // splits, (s + 1) * n // splits, shift)
+            part[item, 0], part[item, 1] = _ncl_sums(x, c, s * n // splits, (s + 1) * n // splits, x[0, c, 0], zero)
         for c in range(C):
             s1 = 0.0
             s2 = 0.0
@@ -434,23 +463,32 @@ def nlc_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out, act, alpha)
     """Training forward on x[R, C]: ``splits`` row blocks summed in parallel, merged,
     then ``y = act(BN(x))`` written block by block (a block still in cache is read from there)."""
     R, C = x.shape
-    shift = np.empty(C)  # C: each channel's first value
+    shift = np.empty(C, dtype=x.dtype)  # C: each channel's first value
     for c in range(C):
         shift[c] = x[0, c]
     part = np.zeros((splits, 2, C))  # splits,2,C: shifted sums per row block
     for s in prange(splits):
         r0, r1 = _rows(s, splits, R)
+        p = np.empty((2, min(C, _COLUMN_BLOCK)), dtype=x.dtype)  # 2,block of C: sums of a few rows
         for c0 in range(0, C, _COLUMN_BLOCK):
             c1 = min(c0 + _COLUMN_BLOCK, C)
             a1 = part[s, 0, c0:c1]  # block of C
             a2 = part[s, 1, c0:c1]  # block of C
+            p1 = p[0, : c1 - c0]  # block of C
+            p2 = p[1, : c1 - c0]  # block of C
             sh = shift[c0:c1]  # block of C
-            for r in range(r0, r1):
-                row = x[r, c0:c1]  # block of C
-                for j in range(row.shape[0]):  # from 0: no negative-index checks, so it vectorizes
-                    d = np.float64(row[j]) - sh[j]
-                    a1[j] += d
-                    a2[j] += d * d
+            for rb in range(r0, r1, _ROW_BLOCK):
+                p1[:] = 0
+                p2[:] = 0
+                for r in range(rb, min(rb + _ROW_BLOCK, r1)):
+                    row = x[r, c0:c1]  # block of C
+                    for j in range(row.shape[0]):  # from 0: no negative-index checks, so it vectorizes
+                        d = row[j] - sh[j]
+                        p1[j] += d
+                        p2[j] += d * d
+                for j in range(p1.shape[0]):
+                    a1[j] += p1[j]
+                    a2[j] += p2[j]
     coef = np.empty((3, C), dtype=x.dtype)  # mean, scale, shift in x's dtype
     for c in range(C):
         s1 = 0.0
@@ -460,9 +498,9 @@ def nlc_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out, act, alpha)
             s2 += part[s, 1, c]
         dm = s1 / R
         var = max(s2 / R - dm * dm, 0.0)
-        mean_out[c] = shift[c] + dm
+        mean_out[c] = np.float64(shift[c]) + dm
         var_out[c] = var
-        coef[0, c] = shift[c] + dm
+        coef[0, c] = np.float64(shift[c]) + dm
         coef[1, c] = w[c] / np.sqrt(var + eps)
         coef[2, c] = b[c]
     if write_y:
@@ -517,7 +555,7 @@ def nlc_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu, b
                 s1 += part[s, 0, c]
                 s2 += part[s, 1, c]
             sum_dy[c] = s1
-            sum_dy_xmu[c] = s2
+            sum_dy_xmu[c] = s2 + (np.float64(zc[0, c]) - mean64[c]) * s1
     if mode == 0:
         return
     coef = np.empty((4, C), dtype=x.dtype)  # k, mean, a, b
