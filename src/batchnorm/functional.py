@@ -1,11 +1,17 @@
 """``batch_norm`` for torch tensors: validation, backend dispatch, autograd and
 the running-statistics update.
 
-The heavy work runs in three ``torch.library`` custom ops, so ``torch.compile``
-and ``torch.export`` see one node each and never break the graph:
+The heavy work runs in ``torch.library`` custom ops, so ``torch.compile`` and
+``torch.export`` see one node each and never break the graph:
 
-* ``batchnorm::forward_train(x, weight, bias, eps) -> (y, mean, var)``
-* ``batchnorm::backward_train(dy, x, mean, invstd, weight) -> (dx, sum_dy, sum_dy_xmu)``
+* ``batchnorm::forward_train(x, weight, bias, eps, residual, activation, act_param)
+  -> (y, mean, var, mask)``: ``y = act(BN(x) + residual)``; ``mask`` is the bit
+  mask of ``BN(x) + residual > 0`` (``kernels.sign_mask``) for ReLU/LeakyReLU
+  after a residual, else empty
+* ``batchnorm::backward_train(dy, x, mean, invstd, weight, bias, activation, act_param)
+  -> (dx, sum_dz, sum_dz_xmu)``, the activation's derivative recomputed from x
+* ``batchnorm::backward_train_residual(dy, x, mean, invstd, weight, mask, activation,
+  act_param) -> (dx, dresidual, sum_dz, sum_dz_xmu)``, from the mask
 * ``batchnorm::affine(x, scale, shift) -> y`` (eval: one multiply-add) and its
   reduction ``batchnorm::affine_backward(dy, x) -> (sum_dy, sum_dy_x)``
 
@@ -22,7 +28,7 @@ from . import _memory_efficient, activations, kernels
 from ._checks import ShapeError, check_input
 from ._layout import as_ncl, output_memory_format, per_channel, prepare, reduce_dims, restore
 from .activations import Activation
-from .kernels import stats_dtype
+from .kernels import sign_mask, stats_dtype
 from .kernels.base import affine_from_stats
 
 Tensor = torch.Tensor
@@ -36,8 +42,12 @@ __all__ = ["batch_norm", "inference_affine", "update_running_stats"]
 
 def _keeps_mask(residual: Tensor | None, activation: str) -> bool:
     """With a residual, ReLU/LeakyReLU's derivative comes from a saved sign mask
-    (1 byte per element) instead of the residual or the output."""
+    (1 bit per element, ``kernels.sign_mask``) instead of the residual or the output."""
     return residual is not None and activation in ("relu", "leaky_relu")
+
+
+def _no_mask(x: Tensor) -> Tensor:
+    return x.new_empty((0,), dtype=torch.uint8)
 
 
 def _forward_train_impl(
@@ -53,17 +63,21 @@ def _forward_train_impl(
     x = prepare(x)
     x3 = as_ncl(x)
     backend = kernels.select(x3)
+    act = Activation(activation, act_param)
     if residual is None and activation != "identity":  # the backend fuses the activation
-        y3, mean, var = backend.forward_train_act(x3, weight, bias, eps, Activation(activation, act_param))
-        return restore(y3, x), mean, var, x.new_empty((0,), dtype=torch.bool)
+        y3, mean, var = backend.forward_train_act(x3, weight, bias, eps, act)
+        return restore(y3, x), mean, var, _no_mask(x)
+    if residual is not None and (activation == "identity" or _keeps_mask(residual, activation)):
+        r3 = as_ncl(residual.contiguous(memory_format=output_memory_format(x)))
+        y3, mean, var, mask = backend.forward_train_residual(x3, weight, bias, eps, r3, act)
+        return restore(y3, x), mean, var, (_no_mask(x) if mask is None else mask)
     y3, mean, var = backend.forward_train(x3, weight, bias, eps)
     y = restore(y3, x)
     if residual is not None:
         y.add_(residual)
-    mask = (y > 0) if _keeps_mask(residual, activation) else y.new_empty((0,), dtype=torch.bool)
     if activation != "identity":
-        activations.apply_(y, Activation(activation, act_param))
-    return y, mean, var, mask
+        activations.apply_(y, act)
+    return y, mean, var, _no_mask(x)
 
 
 def _backward_train_impl(
@@ -89,6 +103,27 @@ def _backward_train_impl(
     return restore(dx3, x), sum_dy, sum_dy_xmu
 
 
+def _backward_train_residual_impl(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mask: Tensor,
+    activation: str,
+    act_param: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dresidual, sum_dz, sum_dz_xmu)`` for ``y = act(BN(x) + residual)`` (ReLU or
+    LeakyReLU), ``dz = dy * act'`` read from the forward's sign mask."""
+    x = prepare(x)
+    dy = dy.contiguous(memory_format=output_memory_format(x))
+    x3, dy3 = as_ncl(x), as_ncl(dy)
+    backend = kernels.select(x3)
+    act = Activation(activation, act_param)
+    dx3, dz3, sum_dz, sum_dz_xmu = backend.backward_train_residual(dy3, x3, mean, invstd, weight, mask, act)
+    return restore(dx3, x), restore(dz3, x), sum_dz, sum_dz_xmu
+
+
 def _affine_impl(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     x = prepare(x)
     x3 = as_ncl(x)
@@ -109,6 +144,9 @@ def _affine_backward_impl(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
 
 _forward_train_op = torch.library.custom_op("batchnorm::forward_train", _forward_train_impl, mutates_args=())
 _backward_train_op = torch.library.custom_op("batchnorm::backward_train", _backward_train_impl, mutates_args=())
+_backward_train_residual_op = torch.library.custom_op(
+    "batchnorm::backward_train_residual", _backward_train_residual_impl, mutates_args=()
+)
 _affine_op = torch.library.custom_op("batchnorm::affine", _affine_impl, mutates_args=())
 _affine_backward_op = torch.library.custom_op("batchnorm::affine_backward", _affine_backward_impl, mutates_args=())
 
@@ -117,10 +155,7 @@ _affine_backward_op = torch.library.custom_op("batchnorm::affine_backward", _aff
 def _(x, weight, bias, eps, residual=None, activation="identity", act_param=0.0):
     stats = x.new_empty((x.shape[1],), dtype=stats_dtype(x.dtype))
     y = torch.empty_like(x, memory_format=output_memory_format(x))
-    if _keeps_mask(residual, activation):
-        mask = torch.empty_like(x, dtype=torch.bool, memory_format=output_memory_format(x))
-    else:
-        mask = x.new_empty((0,), dtype=torch.bool)
+    mask = sign_mask.empty(as_ncl(prepare(x))) if _keeps_mask(residual, activation) else _no_mask(x)
     return y, stats, torch.empty_like(stats), mask
 
 
@@ -128,6 +163,12 @@ def _(x, weight, bias, eps, residual=None, activation="identity", act_param=0.0)
 def _(dy, x, mean, invstd, weight, bias=None, activation="identity", act_param=0.0):
     dx = torch.empty_like(x, memory_format=output_memory_format(x))
     return dx, torch.empty_like(mean), torch.empty_like(mean)
+
+
+@_backward_train_residual_op.register_fake
+def _(dy, x, mean, invstd, weight, mask, activation, act_param):
+    dx = torch.empty_like(x, memory_format=output_memory_format(x))
+    return dx, torch.empty_like(dx), torch.empty_like(mean), torch.empty_like(mean)
 
 
 @_affine_op.register_fake
@@ -198,7 +239,7 @@ def _forward_train_setup(ctx, inputs, output):
     )  # fmt: skip
 
 
-def _train_backward_using(backward_train, affine):
+def _train_backward_using(backward_train, backward_train_residual, affine):
     def backward(ctx, dy, _dmean, _dvar, _dmask):
         x, weight, bias, mean, var, mask, y, residual = ctx.saved_tensors
         act = ctx.act
@@ -215,12 +256,13 @@ def _train_backward_using(backward_train, affine):
         dresidual = None
         if not ctx.has_residual:  # the backend applies act'(BN(x)) itself, recomputed from x
             dx, sum_dz, sum_dz_xmu = backward_train(dy, x, mean, invstd, weight, bias, act.name, act.param)
-        else:  # dz = dy * act'(BN(x) + residual): from the sign mask, the output, or recomputed
+        elif mask is not None:  # ReLU/LeakyReLU after the add: act' from the sign mask, in the backend
+            dx, dresidual, sum_dz, sum_dz_xmu = backward_train_residual(
+                dy, x, mean, invstd, weight, mask, act.name, act.param
+            )
+        else:  # dz = dy * act'(BN(x) + residual): the identity, from the output, or recomputed
             if act.name == "identity":
                 dz = dy
-            elif mask is not None:
-                slope = torch.full((), 0.0 if act.name == "relu" else act.param, dtype=dy.dtype, device=dy.device)
-                dz = dy * torch.where(mask, 1.0, slope)
             elif y is not None:
                 dz = dy * activations.grad_from_output(y, act)
             else:
@@ -262,7 +304,8 @@ def _affine_backward_using(affine, affine_backward):
 
 
 _forward_train_op.register_autograd(
-    _train_backward_using(_backward_train_op, _affine_op), setup_context=_forward_train_setup
+    _train_backward_using(_backward_train_op, _backward_train_residual_op, _affine_op),
+    setup_context=_forward_train_setup,
 )
 _affine_op.register_autograd(_affine_backward_using(_affine_op, _affine_backward_op), setup_context=_affine_setup)
 
@@ -276,7 +319,7 @@ class _TrainFunction(torch.autograd.Function):
         _forward_train_setup(ctx, (x, weight, bias, eps, residual, activation, act_param), output)
         return output
 
-    backward = staticmethod(_train_backward_using(_backward_train_impl, _affine_impl))
+    backward = staticmethod(_train_backward_using(_backward_train_impl, _backward_train_residual_impl, _affine_impl))
 
 
 class _AffineFunction(torch.autograd.Function):

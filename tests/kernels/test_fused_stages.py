@@ -1,5 +1,6 @@
-"""Every CPU backend's fused activation stages (``forward_train_act``/``backward_train_act``)
-against torch's autograd through the composite formula, in float64 and float32."""
+"""Every CPU backend's fused activation stages (``forward_train_act``/``backward_train_act``,
+and ``forward_train_residual``/``backward_train_residual`` with their sign mask) against
+torch's autograd through the composite formula, in float64 and float32."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from batchnorm import kernels
 from batchnorm.activations import Activation
+from batchnorm.kernels import cpu, sign_mask
 from batchnorm.functional import composite_forward
 from tests.helpers import assert_close
 
@@ -47,3 +49,103 @@ def test_fused_activation_stages_match_autograd(backend, act, shape, layout, dty
     assert_close(dx, dx_ref, atol * 10, rtol * 10, "dx")
     assert_close(sum_dz, db_ref, atol * 10, rtol * 10, "sum_dz (dbias)")
     assert_close(sum_dz_xmu * invstd, dw_ref, atol * 10, rtol * 10, "sum_dz_xmu * invstd (dweight)")
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def threads(request, monkeypatch):
+    """The numba kernels' serial copies, or the parallel ones on 2 threads (with batch splits
+    for tensors of few channels)."""
+    saved = torch.get_num_threads()
+    if request.param == "parallel":
+        monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+        torch.set_num_threads(2)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
+RESIDUAL_ACTS = [Activation("identity"), Activation("relu"), Activation("leaky_relu", 0.2)]
+# (N, C, L), layout: odd lengths and channel counts (bits that do not fill a byte), rows longer
+# than the kernels' blocks, few channels (the parallel kernels split each channel's batch), L == 1
+RESIDUAL_SHAPES = [
+    ((4, 3, 7), "ncl"),
+    ((3, 2, 300), "ncl"),
+    ((5, 11, 6), "nlc"),
+    ((70, 3, 2), "nlc"),
+    ((9, 13, 1), "ncl"),
+    ((2, 6, 13), "strided"),
+]
+
+
+def _make_layout(t, layout):
+    if layout == "nlc":
+        return _channels_last(t)
+    if layout == "strided":  # every other element of a wider tensor: neither layout
+        wide = torch.zeros(t.shape[0], t.shape[1], 2 * t.shape[2], dtype=t.dtype)
+        wide[:, :, ::2] = t
+        return wide[:, :, ::2]
+    return t
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act", RESIDUAL_ACTS, ids=str)
+@pytest.mark.parametrize("shape,layout", RESIDUAL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float64, 1e-10, 1e-9), (torch.float32, 2e-5, 2e-5)])
+def test_fused_residual_stages_match_autograd(backend, act, shape, layout, dtype, atol, rtol, threads):
+    impl = kernels.get(backend)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 0.3
+    r = torch.randn(shape, dtype=torch.float64)
+    w = torch.rand(shape[1], dtype=torch.float64) + 0.5
+    b = torch.randn(shape[1], dtype=torch.float64)
+    dy = torch.randn(shape, dtype=torch.float64)
+    eps = 1e-3
+    xr, rr, wr, br = (t.clone().requires_grad_() for t in (x, r, w, b))
+    y_ref = composite_forward(xr, wr, br, eps, rr, act)
+    dx_ref, dr_ref, dw_ref, db_ref = torch.autograd.grad(y_ref, (xr, rr, wr, br), dy)
+
+    xc, rc, wc, bc, dyc = (t.to(dtype) for t in (x, r, w, b, dy))
+    xc, dyc = _make_layout(xc, layout), _make_layout(dyc, layout)
+    rc = _make_layout(rc, "nlc" if layout == "ncl" else "ncl")  # the residual in the other layout
+    y, mean, var, mask = impl.forward_train_residual(xc, wc, bc, eps, rc, act)
+    assert_close(y, y_ref, atol, rtol, "y")
+    if layout != "strided":
+        assert y.stride() == xc.stride()
+    if act.name == "identity":
+        assert mask is None
+        return
+    assert mask.dtype == torch.uint8 and tuple(mask.shape) == sign_mask.shape(xc)
+    assert torch.equal(sign_mask.unpack(mask, xc), y > 0), "the mask is the sign of BN(x) + residual"
+    invstd = torch.rsqrt(var + eps)
+    dx, dr, sum_dz, sum_dz_xmu = impl.backward_train_residual(dyc, xc, mean, invstd, wc, mask, act)
+    assert_close(dx, dx_ref, atol * 10, rtol * 10, "dx")
+    assert_close(dr, dr_ref, atol, rtol, "dresidual")
+    assert_close(sum_dz, db_ref, atol * 10, rtol * 10, "sum_dz (dbias)")
+    assert_close(sum_dz_xmu * invstd, dw_ref, atol * 10, rtol * 10, "sum_dz_xmu * invstd (dweight)")
+
+
+@pytest.mark.parametrize("forward_on,backward_on", [("numba", "torch"), ("torch", "numba")])
+@pytest.mark.parametrize("layout", ["ncl", "nlc"])
+def test_a_mask_written_by_one_backend_is_read_by_the_other(forward_on, backward_on, layout):
+    act = Activation("leaky_relu", 0.1)
+    shape = (5, 9, 11)
+    x, r, dy = (_make_layout(torch.randn(shape, dtype=torch.float64), layout) for _ in range(3))
+    w, b = torch.rand(9, dtype=torch.float64) + 0.5, torch.randn(9, dtype=torch.float64)
+    first, second = kernels.get(forward_on), kernels.get(backward_on)
+    y, mean, var, mask = first.forward_train_residual(x, w, b, 1e-5, r, act)
+    y2, _, _, mask2 = second.forward_train_residual(x, w, b, 1e-5, r, act)
+    assert torch.equal(mask, mask2)
+    invstd = torch.rsqrt(var + 1e-5)
+    got = second.backward_train_residual(dy, x, mean, invstd, w, mask, act)
+    want = first.backward_train_residual(dy, x, mean, invstd, w, mask, act)
+    for name, g, e in zip(["dx", "dresidual", "sum_dz", "sum_dz_xmu"], got, want, strict=True):
+        assert_close(g, e, 1e-12, 1e-10, name)
+
+
+@pytest.mark.parametrize("shape,layout", [((3, 5, 13), "ncl"), ((3, 13, 5), "nlc"), ((4, 9, 1), "ncl")], ids=str)
+def test_sign_mask_round_trip_and_size(shape, layout):
+    x = _make_layout(torch.randn(shape), layout)
+    positive = torch.rand(shape) > 0.5
+    mask = sign_mask.pack(positive, x)
+    assert mask.dtype == torch.uint8 and tuple(mask.shape) == sign_mask.shape(x)
+    rows = mask.numel() // mask.shape[-1]
+    assert mask.numel() <= x.numel() / 8 + rows  # one bit per element, plus padding to a byte per row
+    assert torch.equal(sign_mask.unpack(mask, x), positive)

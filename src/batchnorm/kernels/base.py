@@ -8,6 +8,7 @@ import torch
 
 from .. import activations
 from ..activations import Activation
+from . import sign_mask
 
 Tensor = torch.Tensor
 
@@ -86,6 +87,34 @@ class Backend:
         grad = activations.grad_from_input(z, act)
         dz = dy if grad is None else dy * grad
         return self.backward_train(dz, x, mean, invstd, weight)
+
+    def forward_train_residual(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor, act: Activation
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``act(BN(x) + residual)`` for the identity, ReLU and LeakyReLU; returns ``(y, mean, var,
+        mask)`` with the :mod:`sign_mask` of ``BN(x) + residual`` (``None`` for the identity).
+        By default: the fused forward, the add, the mask and the activation in place."""
+        y, mean, var = self.forward_train(x, weight, bias, eps)
+        y.add_(residual)
+        mask = None if act.name == "identity" else sign_mask.pack(y > 0, x)
+        return activations.apply_(y, act), mean, var, mask
+
+    def backward_train_residual(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        mask: Tensor,
+        act: Activation,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The backward of :meth:`forward_train_residual` (ReLU or LeakyReLU) from its mask:
+        ``dz = dy * act'``; returns ``(dx, dresidual = dz, sum_dz, sum_dz_xmu)``."""
+        positive = sign_mask.unpack(mask, x)
+        dz = torch.where(positive, dy, dy * (0.0 if act.name == "relu" else act.param))
+        dx, sum_dz, sum_dz_xmu = self.backward_train(dz, x, mean, invstd, weight)
+        return dx, dz, sum_dz, sum_dz_xmu
 
 
 def affine_from_stats(

@@ -32,6 +32,8 @@ import torch
 
 from ..activations import Activation
 from . import _cpu_loops as loops
+from . import _cpu_residual_loops as residual_loops
+from . import sign_mask
 from .base import Backend
 
 Tensor = torch.Tensor
@@ -91,12 +93,13 @@ def _announce(kernel) -> None:
 _seen: set = set()
 
 
-def _call(name: str, numel: int, make_args):
-    """Run kernel ``name`` with the thread count for ``numel`` on ``make_args(threads)``."""
+def _call(name: str, numel: int, make_args, family=loops):
+    """Run kernel ``name`` (of the ``family`` module's kernels) with the thread count for
+    ``numel`` on ``make_args(threads)``."""
     threads = _threads(numel)
     if threads > 1 and _launch.acquire(blocking=False):
         try:
-            kernel = getattr(loops.PARALLEL, name)
+            kernel = getattr(family.PARALLEL, name)
             _announce(kernel)
             numba.set_num_threads(threads)
             # Static scheduling: Numba's chunked scheduling costs about 1 ms per chunk.
@@ -108,18 +111,18 @@ def _call(name: str, numel: int, make_args):
                 numba.set_parallel_chunksize(chunksize)
         finally:
             _launch.release()
-    kernel = getattr(loops.SERIAL, name)
+    kernel = getattr(family.SERIAL, name)
     _announce(kernel)
     return kernel(*make_args(1))
 
 
 def _layout(x: Tensor) -> tuple[str, Tensor]:
-    """``("ncl" | "nlc", x)`` with x made dense in one of the two layouts if it was not."""
-    if x.is_contiguous():
-        return ("nlc" if x.shape[2] == 1 else "ncl"), x
-    if x.permute(0, 2, 1).is_contiguous():
-        return "nlc", x
-    return ("nlc" if x.shape[2] == 1 else "ncl"), x.contiguous()
+    """``("ncl" | "nlc", x)`` with x made dense in one of the two layouts if it was not
+    (the layouts of ``sign_mask``)."""
+    layout = sign_mask.layout(x)
+    if layout == "ncl" or x.shape[2] == 1:
+        return layout, x.contiguous()
+    return layout, x
 
 
 def _view(t: Tensor, layout: str) -> np.ndarray:
@@ -336,6 +339,83 @@ class NumbaBackend(Backend):
         if code is None:
             return super().backward_train_act(dy, x, mean, invstd, weight, bias, act)
         return self._backward(dy, x, mean, invstd, weight, None, None, mode=1, bias=bias, act=code, alpha=act.param)
+
+    def forward_train_residual(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor, act: Activation
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``act(BN(x) + residual)`` and the sign mask written by the kernels in the pass that
+        writes y; for nlc the statistics come first from ``nlc_forward`` (x is read twice anyway)."""
+        code = _ACT_CODE.get(act.name)
+        n, c, l = x.shape
+        if code is None or n * l == 0:
+            return super().forward_train_residual(x, weight, bias, eps, residual, act)
+        layout, x = _layout(x)
+        residual = _like(residual.to(x.dtype), layout)
+        y = _empty_like(x)
+        mask = sign_mask.empty(x) if code else torch.empty((0, 0, 0) if layout == "ncl" else (0, 0), dtype=torch.uint8)
+        mean = torch.empty(c, dtype=x.dtype)
+        var = torch.empty(c, dtype=x.dtype)
+        xa, ra, ya, mka = _view(x, layout), _view(residual, layout), _view(y, layout), mask.numpy()
+        w, b = _vec(weight, c, x.dtype, 1.0), _vec(bias, c, x.dtype, 0.0)
+        ma, va = mean.numpy(), var.numpy()
+        if layout == "ncl":
+            _call(
+                "ncl_forward_res",
+                x.numel(),
+                lambda t: (xa, ra, w, b, eps, _ncl_splits(t, n * l, c), ya, mka, ma, va, code, act.param),
+                residual_loops,
+            )
+        else:
+            _call(
+                "nlc_forward",
+                x.numel(),
+                lambda t: (xa, w, b, eps, _nlc_splits(t, n * l), False, xa, ma, va, 0, 0.0),
+            )
+            scale = (w / np.sqrt(va.astype(np.float64) + eps)).astype(xa.dtype)
+            _call(
+                "nlc_apply_res",
+                x.numel(),
+                lambda t: (xa, ra, ya, mka, ma, scale, b, _nlc_splits(t, n * l), code, act.param),
+                residual_loops,
+            )
+        return y, mean, var, (mask if code else None)
+
+    def backward_train_residual(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        mask: Tensor,
+        act: Activation,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Both passes read the mask (no ``dz`` tensor in between); the second writes ``dx`` and
+        ``dresidual = dz`` together."""
+        n, c, l = x.shape
+        if act.name not in ("relu", "leaky_relu") or n * l == 0:
+            return super().backward_train_residual(dy, x, mean, invstd, weight, mask, act)
+        dtype = x.dtype
+        layout, x = _layout(x)
+        dy = _like(dy.to(dtype), layout)
+        dx, dr = _empty_like(x), _empty_like(x)
+        sum_dz, sum_dz_xmu = torch.empty(c, dtype=dtype), torch.empty(c, dtype=dtype)
+        xa, ga, dxa, dra = _view(x, layout), _view(dy, layout), _view(dx, layout), _view(dr, layout)
+        mka = mask.contiguous().numpy()
+        ma, sa, w = _vec(mean, c, dtype, 0.0), _vec(invstd, c, dtype, 1.0), _vec(weight, c, dtype, 1.0)
+        s1, s2 = sum_dz.numpy(), sum_dz_xmu.numpy()
+        slope = 0.0 if act.name == "relu" else act.param
+        if layout == "ncl":
+            name, splits = "ncl_backward_res", lambda t: _ncl_splits(t, n * l, c)
+        else:
+            name, splits = "nlc_backward_res", lambda t: _nlc_splits(t, n * l)
+        _call(
+            name,
+            x.numel(),
+            lambda t: (ga, xa, mka, ma, sa, w, splits(t), dxa, dra, s1, s2, slope),
+            residual_loops,
+        )
+        return dx, dr, sum_dz, sum_dz_xmu
 
     def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
         ones = torch.ones_like(mean)
