@@ -9,8 +9,8 @@ import torch
 
 from batchnorm import kernels
 from batchnorm.activations import Activation
-from batchnorm.kernels import cpu, sign_mask
 from batchnorm.functional import composite_forward
+from batchnorm.kernels import cpu, sign_mask
 from tests.helpers import assert_close
 
 ACTS = [Activation("relu"), Activation("leaky_relu", 0.2), Activation("elu", 0.7), Activation("silu")]
@@ -132,6 +132,7 @@ def test_a_mask_written_by_one_backend_is_read_by_the_other(forward_on, backward
     first, second = kernels.get(forward_on), kernels.get(backward_on)
     y, mean, var, mask = first.forward_train_residual(x, w, b, 1e-5, r, act)
     y2, _, _, mask2 = second.forward_train_residual(x, w, b, 1e-5, r, act)
+    assert_close(y2, y, 1e-12, 1e-10, "y")
     assert torch.equal(mask, mask2)
     invstd = torch.rsqrt(var + 1e-5)
     got = second.backward_train_residual(dy, x, mean, invstd, w, mask, act)

@@ -151,7 +151,7 @@ def ncl_forward_res(x, r, w, b, eps, splits, y, mk, mean_out, var_out, act, alph
     N, C, L = x.shape
     n = N * L
     coef = np.empty((C, 3), dtype=x.dtype)  # C: mean, scale, shift in x's dtype
-    al, zero, one = _consts(x, alpha)
+    al, zero, _ = _consts(x, alpha)
     words = (L + 7) // 8
     if splits == 1:
         for c in prange(C):
@@ -252,7 +252,7 @@ def nlc_apply_res(x, r, y, mk, m, a, b, splits, act, alpha):
     """``y = act((x - m) * a + b + r)`` on x[R, C] (per-channel vectors in x's dtype) and the
     sign mask (``act`` 1 or 2), ``splits`` row blocks; the statistics come from ``nlc_forward``."""
     R, C = x.shape
-    al, zero, one = _consts(x, alpha)
+    al, zero, _ = _consts(x, alpha)
     for s in prange(splits):
         r0, r1 = _rows(s, splits, R)
         f64 = np.empty((C + 7) // 8, dtype=np.uint64)
@@ -283,7 +283,7 @@ def _nlc_apply_res_rows(x, r, y, mk, r0, r1, m, a, b, act, al, zero, f64, f8):
 def nlc_backward_res(dy, x, mk, mean, invstd, w, splits, dx, dr, sum_dy, sum_dy_xmu, alpha):
     """Backward of ``act(BN(x) + r)`` on x[R, C] from the sign mask, as :func:`ncl_backward_res`."""
     R, C = x.shape
-    al, zero, one = _consts(x, alpha)
+    al, _, one = _consts(x, alpha)
     part = np.zeros((splits, 2, C))  # splits,2,C: partial sums per row block
     for s in prange(splits):
         r0, r1 = _rows(s, splits, R)
