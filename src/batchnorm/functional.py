@@ -62,7 +62,7 @@ def _forward_train_impl(
     """``act(BN(x) + residual)``; returns ``(y, mean, var, mask)``, ``mask`` empty unless kept."""
     x = prepare(x)
     x3 = as_ncl(x)
-    backend = kernels.select(x3)
+    backend = kernels.select(x3, fused=residual is not None or activation != "identity")
     act = Activation(activation, act_param)
     if residual is None and activation != "identity":  # the backend fuses the activation
         y3, mean, var = backend.forward_train_act(x3, weight, bias, eps, act)
@@ -94,7 +94,7 @@ def _backward_train_impl(
     x = prepare(x)
     dy = dy.contiguous(memory_format=output_memory_format(x))
     x3, dy3 = as_ncl(x), as_ncl(dy)
-    backend = kernels.select(x3)
+    backend = kernels.select(x3, fused=activation != "identity")
     if activation == "identity":
         dx3, sum_dy, sum_dy_xmu = backend.backward_train(dy3, x3, mean, invstd, weight)
     else:
@@ -118,7 +118,7 @@ def _backward_train_residual_impl(
     x = prepare(x)
     dy = dy.contiguous(memory_format=output_memory_format(x))
     x3, dy3 = as_ncl(x), as_ncl(dy)
-    backend = kernels.select(x3)
+    backend = kernels.select(x3, fused=True)
     act = Activation(activation, act_param)
     dx3, dz3, sum_dz, sum_dz_xmu = backend.backward_train_residual(dy3, x3, mean, invstd, weight, mask, act)
     return restore(dx3, x), restore(dz3, x), sum_dz, sum_dz_xmu

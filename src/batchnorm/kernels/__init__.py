@@ -101,15 +101,16 @@ def forced_name() -> str | None:
     return _forced.get() or os.environ.get("BATCHNORM_BACKEND") or None
 
 
-def select(x: torch.Tensor) -> Backend:
-    """The backend that will run batch norm on ``x``."""
+def select(x: torch.Tensor, fused: bool = False) -> Backend:
+    """The backend that will run batch norm on ``x`` (``fused``: with an activation or a
+    residual add, where a backend's own fused kernels may win on shapes its plain ones lose)."""
     name = forced_name()
     if name is not None:
         chosen = get(name)
         return chosen if chosen.supports(x) else get("torch")
     for candidate in AUTOMATIC_ORDER:
         found = _load(candidate)
-        if found is not None and found.supports(x) and found.prefers(x):
+        if found is not None and found.supports(x) and found.prefers(x, fused):
             return found
     return get("torch")
 

@@ -22,9 +22,10 @@ class Backend:
         """Whether this backend can run on ``x``'s device, dtype and layout."""
         raise NotImplementedError
 
-    def prefers(self, x: Tensor) -> bool:
+    def prefers(self, x: Tensor, fused: bool = False) -> bool:
         """Whether the automatic choice should take this backend for ``x`` (it may
-        support shapes where another backend is faster); a forced choice ignores it."""
+        support shapes where another backend is faster), plain or ``fused`` with an
+        activation or residual; a forced choice ignores it."""
         return True
 
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
