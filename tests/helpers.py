@@ -41,17 +41,3 @@ def backends_fixture():
             yield
 
     return each_backend
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of distinct storages that autograd keeps for the backward of ``fn()``
-    (counted with ``torch.autograd.graph.saved_tensors_hooks``)."""
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())

@@ -41,13 +41,16 @@ def test_run_writes_markdown_and_csv(tmp_path, capsys):
     assert "copy bandwidth" in printed and "| small-32x64 | 32x64 | train-fwdbwd |" in printed
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6  # 2 cases x 3 modes
+    assert len(rows) == 10  # 2 cases x 5 modes
     assert {r["mode"] for r in rows} == set(benchmark.MODES)
     for r in rows:
         assert float(r["ours_ms"]) > 0 and float(r["torch_ms"]) > 0 and r["compile_ms"] == ""
         assert float(r["vs_torch"]) == pytest.approx(float(r["torch_ms"]) / float(r["ours_ms"]), rel=1e-2)
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n| small-") == 6 and "small shapes: ours/torch time" in table
+    assert table.count("\n| small-") == 10 and "small shapes: ours/torch time" in table
+    # the fused modes bring the memory report: per-block bytes and the ResNet-style client's step
+    assert "| BN+ReLU |" in table and "| BN+add+ReLU |" in table and "memory_efficient=True" in table
+    assert "| peak of live tensors |" in table and "| kept for the backward |" in table
 
 
 def test_validation_rejects_a_wrong_result():
@@ -59,6 +62,22 @@ def test_validation_rejects_a_wrong_result():
     bad = {"ours": (good["ours"][0] * 1.01,), "torch": good["torch"]}
     with pytest.raises(AssertionError, match="differs from torch eager"):
         benchmark._validate(case, "train-fwd", bad, x, dy, ours)
+
+
+@pytest.mark.parametrize("mode", benchmark.FUSED_MODES)
+def test_fused_modes_check_every_gradient_against_torch(mode):
+    case = benchmark.Case("t", "small", (4, 3, 5, 5), channels_last=True)
+    x, dy = benchmark._inputs(case, torch.device("cpu"), torch.float64)
+    x.requires_grad_()
+    r = torch.randn_like(x).requires_grad_() if mode == "fused-add-relu" else None
+    ours, theirs = benchmark._layers(case, torch.device("cpu"), torch.float64, mode)
+    results = {"ours": benchmark._step(ours, x, dy, mode, r), "torch": benchmark._step(theirs, x, dy, mode, r)}
+    assert len(results["ours"]) == (5 if r is not None else 4)
+    benchmark._validate(case, mode, results, x, dy, ours)
+    wrong = list(results["ours"])
+    wrong[-1] = wrong[-1] * 1.01  # dresidual, or dbias
+    with pytest.raises(AssertionError, match="differs from torch eager"):
+        benchmark._validate(case, mode, {"ours": wrong, "torch": results["torch"]}, x, dy, ours)
 
 
 def test_summary_speaks_to_each_target():
@@ -73,10 +92,16 @@ def test_summary_speaks_to_each_target():
         row("resnet50", "eval", big, 1.0, 2.0, None, 0.9),
         row("small", "eval", (2, 3), 3.0, 2.0, None, 0.01),
     ]
+    rows += [
+        row("resnet50", "fused-relu", big, 1.0, 3.0, 3.0, 0.5),
+        row("resnet50", "fused-relu", big, 1.0, 3.0, 12.0, 0.5),
+    ]
     text = "\n".join(benchmark._summary(rows))
-    assert "geomean 2.00x torch eager" in text and "lowest 1.00x" in text
+    assert "BN+ReLU fwd+bwd, ResNet-50 set (2 cases): geomean 3.00x torch eager (target >= 3x)" in text
+    assert "6.00x torch.compile" in text
+    assert "train fwd+bwd, ResNet-50 set (2 cases): geomean 2.00x torch eager" in text and "lowest 1.00x" in text
     assert "train-fwd, large cases (1): 70%" in text and "eval, large cases (1): 90%" in text
-    assert "ahead in 1/2" in text and "at most 1.50" in text
+    assert "ahead in 3/4" in text and "at most 1.50" in text
 
 
 def test_unknown_mode_is_an_error():

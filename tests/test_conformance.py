@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import batchnorm
-from tests.clients import TinyResNet
+from batchnorm.experiments.resnet import TinyResNet
 from tests.helpers import assert_close, backends_fixture
 
 each_backend = backends_fixture()

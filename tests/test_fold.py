@@ -10,8 +10,8 @@ from torch import nn
 
 import batchnorm
 from batchnorm import reference
+from batchnorm.experiments.resnet import TinyResNet
 from batchnorm.fold import FrozenBatchNorm, fold, freeze
-from tests.clients import TinyResNet
 from tests.helpers import assert_close
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm.activations import Activation
-from tests.clients import TinyResNet
+from batchnorm.experiments.resnet import TinyResNet
 from tests.helpers import assert_close
 
 

@@ -11,7 +11,8 @@ from torch.autograd import gradcheck, gradgradcheck
 import batchnorm
 from batchnorm import activations
 from batchnorm import functional as F
-from tests.helpers import assert_close, saved_bytes
+from batchnorm.memory import saved_bytes
+from tests.helpers import assert_close
 
 ACTS = ["identity", "relu", ("leaky_relu", 0.2), ("elu", 0.7), "silu"]
 IDS = ["identity", "relu", "leaky_relu", "elu", "silu"]

@@ -1,15 +1,25 @@
 """``batchnorm bench``: our layers against torch eager and torch.compile, side by side.
 
-For each case (a layer shape and memory layout) and mode (train forward, train
-forward+backward, eval forward) it checks our results against torch eager (and
-against ``batchnorm.reference`` for tensors up to 4M elements), then times the
-three implementations interleaved (one call of each per round, so a noisy
-machine slows all of them alike) and reports medians.
+For each case (a layer shape and memory layout) and mode it checks our results
+against torch eager (and against ``batchnorm.reference`` for plain layers up to
+4M elements), then times the three implementations interleaved (one call of each
+per round, so a noisy machine slows all of them alike) and reports medians.
+
+Modes: ``train-fwd``, ``train-fwdbwd`` and ``eval`` time the plain layer;
+``fused-relu`` and ``fused-add-relu`` time forward+backward of the fused blocks
+``relu(BN(x))`` and ``relu(BN(x) + r)``: our layer with ``activation="relu"``
+against torch's BN, add and ReLU as separate modules (eager, and compiled). With
+the fused modes selected, a memory report follows the table: bytes kept for the
+backward per block, and the saved and peak bytes of a training step of the
+ResNet-style client (``experiments.resnet``), ours after ``batchnorm.fuse``
+against torch's layers (``batchnorm.memory``).
 
 Bandwidth napkin math, the fewest bytes each mode must move (element size s,
 n elements): train forward reads x and writes y (2ns); the backward reads x and
 dy and writes dx (3ns), so train forward+backward is 5ns; eval reads x and
-writes y (2ns). The C-sized parameters and statistics are ignored. "GB/s" is
+writes y (2ns); ``fused-relu`` moves what train forward+backward does (5ns),
+``fused-add-relu`` also reads r and writes its gradient (7ns). The C-sized
+parameters, statistics and the 1-bit sign mask are ignored. "GB/s" is
 that byte count over our median time, "% copy" its fraction of the machine's
 copy bandwidth (``dst.copy_(src)`` into an existing 256 MiB buffer, counted as
 read + write), measured at start. A freshly allocated output costs page faults
@@ -22,8 +32,17 @@ import argparse
 import math
 from dataclasses import dataclass
 
-MODES = ("train-fwd", "train-fwdbwd", "eval")
-BYTES_PER_ELEMENT_MOVED = {"train-fwd": 2, "train-fwdbwd": 5, "eval": 2}  # in units of n * itemsize
+PLAIN_MODES = ("train-fwd", "train-fwdbwd", "eval")
+FUSED_MODES = ("fused-relu", "fused-add-relu")
+MODES = PLAIN_MODES + FUSED_MODES
+BYTES_PER_ELEMENT_MOVED = {  # in units of n * itemsize
+    "train-fwd": 2,
+    "train-fwdbwd": 5,
+    "eval": 2,
+    "fused-relu": 5,
+    "fused-add-relu": 7,
+}
+FUSED_RELU_TARGET = 3.0  # geomean vs torch eager on the ResNet-50 set
 LARGE_NUMEL = 1 << 23  # "large cases" for the bandwidth targets: 8M elements (32 MiB float32) and up
 REFERENCE_MAX_NUMEL = 1 << 22
 
@@ -81,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 7, quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None, help="directory for results.md and results.csv")
+    parser.add_argument("--no-memory", action="store_true", help="leave out the fused layers' memory report")
 
 
 @dataclass
@@ -144,8 +164,11 @@ def run(args: argparse.Namespace) -> int:
             rows.append(_bench_one(case, mode, device, dtype, repeats, not args.no_compile, copy_gbps))
             print(_markdown_row(rows[-1]), flush=True)
     summary = _summary(rows)
-    table = "\n".join([header, "", _markdown_header(), *map(_markdown_row, rows), "", *summary])
-    print("", *summary, f"({time.perf_counter() - started:.0f} s)", sep="\n")
+    memory: list[str] = []
+    if not args.no_memory and any(m in FUSED_MODES for m in modes) and device.type == "cpu":
+        memory = ["", *memory_report(quick=args.quick)]
+    table = "\n".join([header, "", _markdown_header(), *map(_markdown_row, rows), "", *summary, *memory])
+    print("", *summary, f"({time.perf_counter() - started:.0f} s)", *memory, sep="\n")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.md"), "w") as f:
@@ -197,20 +220,43 @@ def _copy_bandwidth(device, quick: bool) -> tuple[float, float]:
     return nbytes / statistics.median(into) / 1e9, nbytes / statistics.median(fresh) / 1e9
 
 
-def _layers(case: Case, device, dtype):
-    """(ours, torch) layers with the same parameters, in train mode."""
+def _eager_block():
+    """torch's way of writing ``relu(BN(x) [+ r])``: separate modules, as in torchvision."""
+    import torch
+
+    class EagerBlock(torch.nn.Module):
+        def __init__(self, bn: torch.nn.Module):
+            super().__init__()
+            self.bn = bn
+            self.relu = torch.nn.ReLU()
+
+        def forward(self, x, r=None):
+            y = self.bn(x)
+            if r is not None:
+                y = y + r
+            return self.relu(y)
+
+    return EagerBlock
+
+
+def _layers(case: Case, device, dtype, mode: str = "train-fwd"):
+    """(ours, torch) layers with the same parameters, in train mode; for a fused mode, our layer
+    with ``activation="relu"`` and torch's BN + ReLU modules."""
     import torch
 
     import batchnorm
 
     c = case.shape[1]
     kind = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(case.shape)]
-    ours = getattr(batchnorm, kind)(c, device=device, dtype=dtype)
+    extra = {"activation": "relu"} if mode in FUSED_MODES else {}
+    ours = getattr(batchnorm, kind)(c, device=device, dtype=dtype, **extra)
     theirs = getattr(torch.nn, kind)(c, device=device, dtype=dtype)
     with torch.no_grad():
         ours.weight.uniform_(0.5, 1.5)
         ours.bias.uniform_(-0.5, 0.5)
         theirs.load_state_dict(ours.state_dict())
+    if mode in FUSED_MODES:
+        theirs = _eager_block()(theirs)
     return ours, theirs
 
 
@@ -225,14 +271,19 @@ def _inputs(case: Case, device, dtype):
     return x, dy
 
 
-def _step(layer, x, dy, mode):
+def _step(layer, x, dy, mode, r=None):
     """One call of ``mode``; returns what is compared: output (and gradients)."""
-    if mode == "train-fwdbwd":
+    if mode == "train-fwdbwd" or mode in FUSED_MODES:
         x.grad = None
         layer.zero_grad(set_to_none=True)
-        y = layer(x)
+        if r is None:
+            y = layer(x)
+        else:
+            r.grad = None
+            y = layer(x, r)
         y.backward(dy)
-        return y, x.grad, layer.weight.grad, layer.bias.grad
+        weight, bias = layer.parameters()
+        return y, x.grad, weight.grad, bias.grad, *(() if r is None else (r.grad,))
     return (layer(x),)
 
 
@@ -243,14 +294,15 @@ def _bench_one(case: Case, mode: str, device, dtype, repeats: int, with_compile:
     import torch
 
     x, dy = _inputs(case, device, dtype)
-    ours, theirs = _layers(case, device, dtype)
-    x.requires_grad_(mode == "train-fwdbwd")
+    r = torch.randn_like(x).requires_grad_() if mode == "fused-add-relu" else None
+    ours, theirs = _layers(case, device, dtype, mode)
+    x.requires_grad_(mode == "train-fwdbwd" or mode in FUSED_MODES)
     impls = {"ours": ours, "torch": theirs}
     if with_compile:
         # A fresh start per case: shapes specialized as in a whole-model graph, and no
         # silent fall-back to eager once the recompilation limit is reached.
         torch._dynamo.reset()
-        compiled = _layers(case, device, dtype)[1]
+        compiled = _layers(case, device, dtype, mode)[1]
         compiled.load_state_dict(theirs.state_dict())
         impls["compile"] = torch.compile(compiled)
     for layer in impls.values():
@@ -261,18 +313,18 @@ def _bench_one(case: Case, mode: str, device, dtype, repeats: int, with_compile:
                 layer.running_mean.copy_(torch.linspace(-1, 1, case.shape[1]))
                 layer.running_var.copy_(torch.linspace(0.5, 2, case.shape[1]))
 
-    grad_ctx = torch.enable_grad if mode == "train-fwdbwd" else torch.no_grad
+    grad_ctx = torch.enable_grad if x.requires_grad else torch.no_grad
     with grad_ctx():
-        results = {name: _step(layer, x, dy, mode) for name, layer in impls.items()}  # warm-up, compile
+        results = {name: _step(layer, x, dy, mode, r) for name, layer in impls.items()}  # warm-up, compile
         _validate(case, mode, results, x, dy, ours)
         for layer in impls.values():  # a second warm-up: compiled backward, caches
-            _step(layer, x, dy, mode)
+            _step(layer, x, dy, mode, r)
         times: dict[str, list[float]] = {name: [] for name in impls}
         for _ in range(repeats):
             for name, layer in impls.items():
                 _sync(device)
                 start = time.perf_counter()
-                _step(layer, x, dy, mode)
+                _step(layer, x, dy, mode, r)
                 _sync(device)
                 times[name].append(time.perf_counter() - start)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
@@ -288,17 +340,21 @@ def _validate(case: Case, mode: str, results, x, dy, ours) -> None:
 
     from batchnorm import reference
 
-    names = ["y", "dx", "dweight", "dbias"]
+    names = ["y", "dx", "dweight", "dbias", "dresidual"]
     for name, got, want in zip(names, results["ours"], results["torch"], strict=False):
         got, want = got.detach(), want.detach()
         scale = float(want.abs().max()) if want.numel() else 1.0
         tol = 1e-4 if x.dtype == torch.float32 else 1e-9
-        if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, scale)):
+        close = torch.isclose(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, scale))
+        # After ReLU, an element whose pre-activation is within rounding of 0 may take the other
+        # side of the kink in one implementation: a handful of such elements in millions is allowed.
+        allowed = 0 if mode not in FUSED_MODES or got.dim() < 2 else 10 + got.numel() // 100_000
+        if int((~close).sum()) > allowed:
             err = float((got - want).abs().max())
             raise AssertionError(f"{case.name} {mode}: {name} differs from torch eager by {err:.3e}")
-        if name in ("y", "dx") and got.stride() != want.stride():
+        if name in ("y", "dx", "dresidual") and got.stride() != want.stride():
             raise AssertionError(f"{case.name} {mode}: {name} strides {got.stride()} != torch's {want.stride()}")
-    if case.numel > REFERENCE_MAX_NUMEL:
+    if case.numel > REFERENCE_MAX_NUMEL or mode in FUSED_MODES:
         return
     xs = x.detach().double().cpu().numpy()
     gamma = ours.weight.detach().double().cpu().numpy()
@@ -387,6 +443,20 @@ def _summary(rows: list[Row]) -> list[str]:
                 f"- {mode}, large cases ({len(large)}): {statistics_median(fracs):.0%} of copy bandwidth median, "
                 f"{min(fracs):.0%}-{max(fracs):.0%} range (target >= {target:.0%})"
             )
+    for mode, what in (("fused-relu", "BN+ReLU"), ("fused-add-relu", "BN+add+ReLU")):
+        fused = [r for r in rows if r.case.group == "resnet50" and r.mode == mode]
+        if fused:
+            worst = min(fused, key=lambda r: r.vs_torch)
+            target = f" (target >= {FUSED_RELU_TARGET:g}x)" if mode == "fused-relu" else ""
+            line = (
+                f"- {what} fwd+bwd, ResNet-50 set ({len(fused)} cases): geomean "
+                f"{_geomean([r.vs_torch for r in fused]):.2f}x torch eager{target}, lowest {worst.vs_torch:.2f}x "
+                f"({worst.case.name})"
+            )
+            with_compile = [r.vs_compile for r in fused if r.vs_compile is not None]
+            if with_compile:
+                line += f"; {_geomean(with_compile):.2f}x torch.compile (target > 1x)"
+            out.append(line)
     compiled = [r for r in rows if r.vs_compile is not None]
     if compiled:
         behind = [f"{r.case.name}/{r.mode} {r.vs_compile:.2f}x" for r in compiled if r.vs_compile < 1.0]
@@ -408,3 +478,65 @@ def statistics_median(values: list[float]) -> float:
     import statistics
 
     return statistics.median(values)
+
+
+def memory_report(quick: bool = False) -> list[str]:
+    """Markdown: bytes kept for the backward per fused block, ours vs torch eager, and the saved
+    and peak bytes of one training step of the ResNet-style client, ours fused vs torch's layers."""
+    import torch
+    from torch import nn
+
+    import batchnorm
+    from batchnorm.experiments.resnet import TinyResNet
+    from batchnorm.memory import peak_bytes, saved_bytes
+
+    shape = (4, 16, 16, 16) if quick else (32, 64, 56, 56)
+    c = shape[1]
+    conv = nn.Conv2d(c, c, 1, bias=False)
+    x0 = torch.randn(shape)
+    r = torch.randn(shape, requires_grad=True)
+    produce = lambda: conv(x0)  # noqa: E731 - a producer, so the block's input is no leaf kept for free
+    base = saved_bytes(produce)
+    relu = batchnorm.BatchNorm2d(c, activation="relu")
+    leaky = batchnorm.BatchNorm2d(c, activation="leaky_relu", memory_efficient=True)
+    bn = nn.BatchNorm2d(c)
+    blocks = {
+        "BN+ReLU": (lambda: relu(produce()), lambda: torch.relu(bn(produce()))),
+        "BN+add+ReLU": (lambda: relu(produce(), r), lambda: torch.relu(bn(produce()) + r)),
+        "BN+LeakyReLU, memory_efficient=True": (
+            lambda: leaky(produce()),
+            lambda: nn.functional.leaky_relu(bn(produce())),
+        ),
+    }
+    lines = [
+        f"### Kept for the backward per block, {'x'.join(map(str, shape))} float32 "
+        "(MB; the producing conv's own share removed; targets: BN+ReLU and memory-efficient <= 55%)",
+        "",
+        "| block | ours | torch eager | ours / torch |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, (ours, theirs) in blocks.items():
+        mine, torch_bytes = saved_bytes(ours) - base, saved_bytes(theirs) - base
+        lines.append(f"| {name} | {mine / 1e6:.2f} | {torch_bytes / 1e6:.2f} | {mine / torch_bytes:.0%} |")
+
+    batch = (4, 3, 16, 16) if quick else (32, 3, 64, 64)
+    inputs = torch.randn(batch)
+    reference = TinyResNet()
+    fused = batchnorm.fuse(TinyResNet())
+    fused.load_state_dict(reference.state_dict())
+
+    def step(model):
+        return lambda: model(inputs).sum().backward()
+
+    lines += [
+        "",
+        f"### ResNet-style client (`experiments.resnet.TinyResNet`, 11 BNs), one training step on "
+        f"{'x'.join(map(str, batch))} (MB)",
+        "",
+        "| | ours (`batchnorm.fuse`) | torch | ours / torch |",
+        "|---|---:|---:|---:|",
+    ]
+    for what, measure in (("kept for the backward", saved_bytes), ("peak of live tensors", peak_bytes)):
+        mine, theirs = measure(step(fused)), measure(step(reference))
+        lines.append(f"| {what} | {mine / 1e6:.2f} | {theirs / 1e6:.2f} | {mine / theirs:.0%} |")
+    return lines

@@ -552,7 +552,7 @@ def batch_norm(
     is ``None``/``"identity"``, ``"relu"``, ``"leaky_relu"`` (or
     ``("leaky_relu", slope)``), ``"elu"`` (or ``("elu", alpha)``), ``"silu"``,
     or the matching ``torch.nn`` module. The backward applies the activation's
-    derivative itself, keeping the input alone (plus a 1-byte sign mask for
+    derivative itself, keeping the input alone (plus a 1-bit sign mask for
     ReLU/LeakyReLU after a residual add) instead of the input and the output.
     ``memory_efficient=True`` (training, invertible activations, no residual)
     keeps only the output and recomputes the rest from it; with ``inplace=True``
