@@ -341,15 +341,22 @@ def _validate(case: Case, mode: str, results, x, dy, ours) -> None:
     from batchnorm import reference
 
     names = ["y", "dx", "dweight", "dbias", "dresidual"]
+    # After ReLU, an element whose pre-activation is within rounding of 0 may fall on the other side
+    # of the kink in one implementation ("flips": y > 0 in one, y == 0 in the other). Each flip
+    # changes that element's gradient by dy, and the parameter gradients by at most |dy| * (1 +
+    # |xhat|) with |xhat| = |bias / weight| <= 1 at the kink: so much is allowed, no more.
+    flips = 0
+    if mode in FUSED_MODES:
+        flips = int(((results["ours"][0] > 0) != (results["torch"][0] > 0)).sum())
+        if flips > 10 + x.numel() // 100_000:
+            raise AssertionError(f"{case.name} {mode}: the ReLU's sign differs from torch eager at {flips} elements")
     for name, got, want in zip(names, results["ours"], results["torch"], strict=False):
         got, want = got.detach(), want.detach()
         scale = float(want.abs().max()) if want.numel() else 1.0
         tol = 1e-4 if x.dtype == torch.float32 else 1e-9
-        close = torch.isclose(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, scale))
-        # After ReLU, an element whose pre-activation is within rounding of 0 may take the other
-        # side of the kink in one implementation: a handful of such elements in millions is allowed.
-        allowed = 0 if mode not in FUSED_MODES or got.dim() < 2 else 10 + got.numel() // 100_000
-        if int((~close).sum()) > allowed:
+        slack = 2.0 * flips * float(dy.abs().max()) if got.dim() < 2 else 0.0
+        close = torch.isclose(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, scale) + slack)
+        if int((~close).sum()) > (flips if got.dim() >= 2 else 0):
             err = float((got - want).abs().max())
             raise AssertionError(f"{case.name} {mode}: {name} differs from torch eager by {err:.3e}")
         if name in ("y", "dx", "dresidual") and got.stride() != want.stride():

@@ -438,8 +438,9 @@ def update_running_stats(
     torch._foreach_lerp_(running, list(batch.unbind(0)), weight)
 
 
-# Up to this many elements a CPU float32/float64 call with nothing fused goes to
-# torch's own batch-norm kernel (with its C++ autograd) unless a backend is forced.
+# Up to this many elements a CPU float32/float64 call (not in the memory-saving mode)
+# goes to torch's own batch-norm kernel (with its C++ autograd), then torch's add and
+# activation when fused, unless a backend is forced.
 SMALL_NUMEL = 16384
 
 
@@ -576,11 +577,13 @@ def batch_norm(
         return activations.forward(y + residual, act)
     if memory_efficient and training:
         _memory_efficient.check(act, weight, residual)
-    fusing = memory_efficient or residual is not None or act.name != "identity"
-    if not fusing and input.numel() > 0 and _small_on_cpu(input, weight, bias):
-        # torch's own kernel: one call, where our Python layer would cost more than the work
+    fusing = residual is not None or act.name != "identity"
+    if not memory_efficient and input.numel() > 0 and _small_on_cpu(input, weight, bias):
+        # torch's own kernel (and torch's add and activation after it, with torch's autograd):
+        # where our Python layer would cost more than the work, and the memory fusion saves is small
         if not training:
-            return torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps, False)
+            y = torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps, False)
+            return _activate(y, residual, act) if fusing else y
         y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
         if running_mean is not None or running_var is not None:
             with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # a diverged batch: inf/NaN
@@ -589,7 +592,7 @@ def batch_norm(
                 running_mean, running_var, mean.detach(), var, input.numel() // input.shape[1], momentum,
                 num_batches_tracked, skip_nonfinite, nonfinite_count,
             )  # fmt: skip
-        return y
+        return _activate(y, residual, act) if fusing else y
     if not training:
         scale, shift = inference_affine(running_mean, running_var, weight, bias, eps)
         y = (

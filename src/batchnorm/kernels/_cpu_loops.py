@@ -88,112 +88,176 @@ def _consts(x, alpha):
     return cst[0], cst[1], cst[2]
 
 
-# --- per-channel helpers on the ncl layout; [j0, j1) is a range of the channel's N*L positions ---
+# --- helpers on one run: a 1-D segment of a channel's values (part of x[n, c, :]) ---
 
 
 @_helper
-def _ncl_sums(x, c, j0, j1, shift, zero):
-    """``sum(d)``, ``sum(d*d)`` in float64, ``d = x[:, c, :] - shift`` over positions j0..j1
-    (``shift``, ``zero`` in x's dtype; block sums in x's dtype)."""
-    L = x.shape[2]
+def _run_sums(seg, shift, zero):
+    """``sum(d)``, ``sum(d*d)`` in float64, ``d = seg - shift`` (``shift``, ``zero`` in x's dtype;
+    block sums in x's dtype)."""
     s1 = 0.0
     s2 = 0.0
-    for n in range(j0 // L, (j1 + L - 1) // L):
-        seg = x[n, c, max(j0 - n * L, 0) : min(j1 - n * L, L)]  # <= L
-        for k in range(0, seg.shape[0], _BLOCK):
-            blk = seg[k : min(k + _BLOCK, seg.shape[0])]  # <= _BLOCK
-            p1 = zero
-            p2 = zero
-            for i in range(blk.shape[0]):  # a range from 0, so no negative-index checks: vectorizes
-                d = blk[i] - shift
-                p1 += d
-                p2 += d * d
-            s1 += np.float64(p1)
-            s2 += np.float64(p2)
+    for k in range(0, seg.shape[0], _BLOCK):
+        blk = seg[k : min(k + _BLOCK, seg.shape[0])]  # <= _BLOCK
+        p1 = zero
+        p2 = zero
+        for i in range(blk.shape[0]):  # a range from 0, so no negative-index checks: vectorizes
+            d = blk[i] - shift
+            p1 += d
+            p2 += d * d
+        s1 += np.float64(p1)
+        s2 += np.float64(p2)
     return s1, s2
 
 
 @_helper
-def _ncl_normalize_loop(x, y, c, j0, j1, m, a, b, act, al, zero, one):
-    """``y = act((x - m) * a + b)`` on channel c, positions j0..j1 (scalars in x's dtype)."""
+def _run_normalize_loop(xs, ys, m, a, b, act, al, zero, one):
+    """``ys = act((xs - m) * a + b)`` (scalars in x's dtype)."""
+    for i in range(xs.shape[0]):
+        ys[i] = _act((xs[i] - m) * a + b, act, al, zero, one)
+
+
+@_helper
+def _run_normalize(xs, ys, m, a, b, act, al, zero, one):
+    """:func:`_run_normalize_loop` with ``act`` made a constant (one loop per activation)."""
+    if act == 0:
+        _run_normalize_loop(xs, ys, m, a, b, 0, al, zero, one)
+    elif act == 1:
+        _run_normalize_loop(xs, ys, m, a, b, 1, al, zero, one)
+    else:
+        _run_normalize_loop(xs, ys, m, a, b, 2, al, zero, one)
+
+
+@_helper
+def _run_grad_sums_loop(gs, xs, m, af, bf, act, al, zero, one):
+    """``sum(dz)``, ``sum(dz * (x - m))`` in float64 with ``dz = dy * act'((x - m) * af + bf)``
+    (``m`` the saved mean, ``af``, ``bf`` in x's dtype); block sums in x's dtype take ``x - m``,
+    exact near the mean."""
+    s1 = 0.0
+    s2 = 0.0
+    for k in range(0, xs.shape[0], _BLOCK):
+        kk = min(k + _BLOCK, xs.shape[0])
+        gb = gs[k:kk]  # <= _BLOCK
+        xb = xs[k:kk]  # <= _BLOCK
+        p1 = zero
+        p2 = zero
+        for i in range(xb.shape[0]):
+            g = _dz(gb[i], xb[i], m, af, bf, act, al, zero, one)
+            p1 += g
+            p2 += g * (xb[i] - m)
+        s1 += np.float64(p1)
+        s2 += np.float64(p2)
+    return s1, s2
+
+
+@_helper
+def _run_grad_sums(gs, xs, m, af, bf, act, al, zero, one):
+    """:func:`_run_grad_sums_loop` with ``act`` made a constant."""
+    if act == 0:
+        return _run_grad_sums_loop(gs, xs, m, af, bf, 0, al, zero, one)
+    if act == 1:
+        return _run_grad_sums_loop(gs, xs, m, af, bf, 1, al, zero, one)
+    return _run_grad_sums_loop(gs, xs, m, af, bf, 2, al, zero, one)
+
+
+@_helper
+def _run_grad_input_loop(gs, xs, out, k, m, a, b, af, bf, act, al, zero, one):
+    """``out = dz * k + (x - m) * a + b``, ``dz`` as in :func:`_run_grad_sums_loop`."""
+    for i in range(xs.shape[0]):
+        out[i] = _dz(gs[i], xs[i], m, af, bf, act, al, zero, one) * k + (xs[i] - m) * a + b
+
+
+@_helper
+def _run_grad_input(gs, xs, out, k, m, a, b, af, bf, act, al, zero, one):
+    """:func:`_run_grad_input_loop` with ``act`` made a constant."""
+    if act == 0:
+        _run_grad_input_loop(gs, xs, out, k, m, a, b, af, bf, 0, al, zero, one)
+    elif act == 1:
+        _run_grad_input_loop(gs, xs, out, k, m, a, b, af, bf, 1, al, zero, one)
+    else:
+        _run_grad_input_loop(gs, xs, out, k, m, a, b, af, bf, 2, al, zero, one)
+
+
+# --- the same over a range [j0, j1) of a channel's N*L positions (several runs), ncl layout ---
+
+
+@_helper
+def _ncl_sums(x, c, j0, j1, shift, zero):
+    """:func:`_run_sums` over channel c's positions j0..j1."""
     L = x.shape[2]
+    s1 = 0.0
+    s2 = 0.0
     for n in range(j0 // L, (j1 + L - 1) // L):
-        lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
-        xs = x[n, c, lo:hi]  # <= L
-        ys = y[n, c, lo:hi]  # <= L
-        for i in range(xs.shape[0]):
-            ys[i] = _act((xs[i] - m) * a + b, act, al, zero, one)
+        a1, a2 = _run_sums(x[n, c, max(j0 - n * L, 0) : min(j1 - n * L, L)], shift, zero)
+        s1 += a1
+        s2 += a2
+    return s1, s2
 
 
 @_helper
 def _ncl_normalize(x, y, c, j0, j1, m, a, b, act, al, zero, one):
-    """:func:`_ncl_normalize_loop` with ``act`` made a constant (one loop per activation)."""
-    if act == 0:
-        _ncl_normalize_loop(x, y, c, j0, j1, m, a, b, 0, al, zero, one)
-    elif act == 1:
-        _ncl_normalize_loop(x, y, c, j0, j1, m, a, b, 1, al, zero, one)
-    else:
-        _ncl_normalize_loop(x, y, c, j0, j1, m, a, b, 2, al, zero, one)
+    """:func:`_run_normalize` over channel c's positions j0..j1."""
+    L = x.shape[2]
+    for n in range(j0 // L, (j1 + L - 1) // L):
+        lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
+        _run_normalize(x[n, c, lo:hi], y[n, c, lo:hi], m, a, b, act, al, zero, one)
 
 
 @_helper
-def _ncl_grad_sums_loop(dy, x, c, j0, j1, mean, mx, af, bf, act, al, zero, one):
-    """``sum(dz)``, ``sum(dz * (x - mean))`` on channel c, positions j0..j1, in float64, with
-    ``dz = dy * act'((x - mx) * af + bf)`` (``mx``, ``af``, ``bf`` in x's dtype, ``mx`` the
-    float64 ``mean`` rounded). Block sums in x's dtype take ``x - mx``, exact near the mean;
-    the float64 total adds back ``(mx - mean) * sum(dz)``."""
+def _ncl_grad_sums(dy, x, c, j0, j1, m, af, bf, act, al, zero, one):
+    """:func:`_run_grad_sums` over channel c's positions j0..j1."""
     L = x.shape[2]
     s1 = 0.0
     s2 = 0.0
     for n in range(j0 // L, (j1 + L - 1) // L):
         lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
-        for k in range(lo, hi, _BLOCK):
-            gs = dy[n, c, k : min(k + _BLOCK, hi)]  # <= _BLOCK
-            xs = x[n, c, k : min(k + _BLOCK, hi)]  # <= _BLOCK
-            p1 = zero
-            p2 = zero
-            for i in range(xs.shape[0]):
-                g = _dz(gs[i], xs[i], mx, af, bf, act, al, zero, one)
-                p1 += g
-                p2 += g * (xs[i] - mx)
-            s1 += np.float64(p1)
-            s2 += np.float64(p2)
-    return s1, s2 + (np.float64(mx) - mean) * s1
+        a1, a2 = _run_grad_sums(dy[n, c, lo:hi], x[n, c, lo:hi], m, af, bf, act, al, zero, one)
+        s1 += a1
+        s2 += a2
+    return s1, s2
 
 
 @_helper
-def _ncl_grad_sums(dy, x, c, j0, j1, mean, mx, af, bf, act, al, zero, one):
-    """:func:`_ncl_grad_sums_loop` with ``act`` made a constant."""
-    if act == 0:
-        return _ncl_grad_sums_loop(dy, x, c, j0, j1, mean, mx, af, bf, 0, al, zero, one)
-    if act == 1:
-        return _ncl_grad_sums_loop(dy, x, c, j0, j1, mean, mx, af, bf, 1, al, zero, one)
-    return _ncl_grad_sums_loop(dy, x, c, j0, j1, mean, mx, af, bf, 2, al, zero, one)
+def _run_grad_input_at(dy, x, dx, i, c, coef, zc, act, al, zero, one):
+    """:func:`_run_grad_input` on the run x[i, c, :], coefficients from ``coef``, ``zc``."""
+    _run_grad_input(
+        dy[i, c],
+        x[i, c],
+        dx[i, c],
+        coef[c, 0],
+        coef[c, 1],
+        coef[c, 2],
+        coef[c, 3],
+        zc[c, 0],
+        zc[c, 1],
+        act,
+        al,
+        zero,
+        one,
+    )
 
 
 @_helper
-def _ncl_grad_input_loop(dy, x, dx, c, j0, j1, k, m, a, b, af, bf, act, al, zero, one):
-    """``dx = dz * k + (x - m) * a + b`` on channel c, positions j0..j1, ``dz`` as in
-    :func:`_ncl_grad_sums_loop`."""
+def _ncl_grad_input(dy, x, dx, c, j0, j1, coef, zc, act, al, zero, one):
+    """:func:`_run_grad_input` over channel c's positions j0..j1, coefficients from ``coef``, ``zc``."""
     L = x.shape[2]
     for n in range(j0 // L, (j1 + L - 1) // L):
         lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
-        gs = dy[n, c, lo:hi]  # <= L
-        xs = x[n, c, lo:hi]  # <= L
-        out = dx[n, c, lo:hi]  # <= L
-        for i in range(xs.shape[0]):
-            out[i] = _dz(gs[i], xs[i], m, af, bf, act, al, zero, one) * k + (xs[i] - m) * a + b
-
-
-@_helper
-def _ncl_grad_input(dy, x, dx, c, j0, j1, k, m, a, b, af, bf, act, al, zero, one):
-    """:func:`_ncl_grad_input_loop` with ``act`` made a constant."""
-    if act == 0:
-        _ncl_grad_input_loop(dy, x, dx, c, j0, j1, k, m, a, b, af, bf, 0, al, zero, one)
-    elif act == 1:
-        _ncl_grad_input_loop(dy, x, dx, c, j0, j1, k, m, a, b, af, bf, 1, al, zero, one)
-    else:
-        _ncl_grad_input_loop(dy, x, dx, c, j0, j1, k, m, a, b, af, bf, 2, al, zero, one)
+        _run_grad_input(
+            dy[n, c, lo:hi],
+            x[n, c, lo:hi],
+            dx[n, c, lo:hi],
+            coef[c, 0],
+            coef[c, 1],
+            coef[c, 2],
+            coef[c, 3],
+            zc[c, 0],
+            zc[c, 1],
+            act,
+            al,
+            zero,
+            one,
+        )
 
 
 @_helper
@@ -316,24 +380,38 @@ def _nlc_grad_input(dy, x, dx, r0, r1, k, m, a, b, af, bf, act, al, zero, one):
 # --- kernels: ncl layout ---
 
 
-def ncl_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out, act, alpha):
+def ncl_forward(x, w, b, eps, splits, block, write_y, y, mean_out, var_out, act, alpha):
     """Training forward on x[N, C, L]: statistics, and ``y = act(BN(x))`` if ``write_y``.
 
-    ``splits == 1``: one item per channel, normalized right after its statistics
-    while its slice is still in cache. ``splits > 1`` (few channels): each
-    channel's positions are cut into ``splits`` parts, summed in parallel, merged.
+    ``splits == 1``: one item per ``block`` channels, normalized right after their
+    statistics while the block is still in cache; inside a block the loops run
+    image by image over the block's channels, so memory is read in runs of
+    ``block * L`` values (short per-channel runs of small images defeat the
+    hardware prefetcher). ``splits > 1`` (few channels): each channel's positions
+    are cut into ``splits`` parts, summed in parallel, merged.
     """
     N, C, L = x.shape
     n = N * L
     coef = np.empty((C, 3), dtype=x.dtype)  # C: mean, scale, shift in x's dtype
     al, zero, one = _consts(x, alpha)
     if splits == 1:
-        for c in prange(C):
-            shift = x[0, c, 0]
-            s1, s2 = _ncl_sums(x, c, 0, n, shift, zero)
-            _finish_stats(s1, s2, n, np.float64(shift), eps, w, b, coef, mean_out, var_out, c)
+        for blk in prange((C + block - 1) // block):
+            c0 = blk * block
+            c1 = min(C, c0 + block)
+            acc = np.zeros((c1 - c0, 2))  # block of C: shifted sums
+            for i in range(N):
+                for c in range(c0, c1):
+                    s1, s2 = _run_sums(x[i, c], x[0, c, 0], zero)
+                    acc[c - c0, 0] += s1
+                    acc[c - c0, 1] += s2
+            for c in range(c0, c1):
+                _finish_stats(
+                    acc[c - c0, 0], acc[c - c0, 1], n, np.float64(x[0, c, 0]), eps, w, b, coef, mean_out, var_out, c
+                )
             if write_y:
-                _ncl_normalize(x, y, c, 0, n, coef[c, 0], coef[c, 1], coef[c, 2], act, al, zero, one)
+                for i in range(N):
+                    for c in range(c0, c1):
+                        _run_normalize(x[i, c], y[i, c], coef[c, 0], coef[c, 1], coef[c, 2], act, al, zero, one)
     else:
         part = np.empty((C * splits, 2))  # C*splits: shifted sums
         for item in prange(C * splits):
@@ -356,10 +434,11 @@ def ncl_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out, act, alpha)
                 _ncl_normalize(x, y, c, j0, j1, coef[c, 0], coef[c, 1], coef[c, 2], act, al, zero, one)
 
 
-def ncl_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu, bias, act, alpha):
-    """Backward on x[N, C, L]: ``mode`` 0 sums only, 1 sums then ``dx`` (channel in cache),
+def ncl_backward(dy, x, mean, invstd, w, splits, block, mode, dx, sum_dy, sum_dy_xmu, bias, act, alpha):
+    """Backward on x[N, C, L]: ``mode`` 0 sums only, 1 sums then ``dx`` (block in cache),
     2 ``dx`` from the given ``sum_dy``/``sum_dy_xmu``. ``dy`` is taken through the activation
-    (``dz = dy * act'(z)``, ``z = (x - mean) * w * invstd + bias``); the sums are of ``dz``."""
+    (``dz = dy * act'(z)``, ``z = (x - mean) * w * invstd + bias``); the sums are of ``dz``.
+    Work items as in :func:`ncl_forward`."""
     N, C, L = x.shape
     n = N * L
     coef = np.empty((C, 4), dtype=x.dtype)  # C: k, mean, a, b
@@ -372,30 +451,21 @@ def ncl_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu, b
         for c in range(C):
             _finish_grad(sum_dy[c], sum_dy_xmu[c], n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
     elif splits == 1:
-        for c in prange(C):
-            s1, s2 = _ncl_grad_sums(
-                dy, x, c, 0, n, np.float64(mean[c]), mean[c], zc[c, 0], zc[c, 1], act, al, zero, one
-            )
-            _finish_grad(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
+        for blk in prange((C + block - 1) // block):
+            c0 = blk * block
+            c1 = min(C, c0 + block)
+            acc = np.zeros((c1 - c0, 2))  # block of C: partial sums
+            for i in range(N):
+                for c in range(c0, c1):
+                    s1, s2 = _run_grad_sums(dy[i, c], x[i, c], mean[c], zc[c, 0], zc[c, 1], act, al, zero, one)
+                    acc[c - c0, 0] += s1
+                    acc[c - c0, 1] += s2
+            for c in range(c0, c1):
+                _finish_grad(acc[c - c0, 0], acc[c - c0, 1], n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
             if mode == 1:
-                _ncl_grad_input(
-                    dy,
-                    x,
-                    dx,
-                    c,
-                    0,
-                    n,
-                    coef[c, 0],
-                    coef[c, 1],
-                    coef[c, 2],
-                    coef[c, 3],
-                    zc[c, 0],
-                    zc[c, 1],
-                    act,
-                    al,
-                    zero,
-                    one,
-                )
+                for i in range(N):
+                    for c in range(c0, c1):
+                        _run_grad_input_at(dy, x, dx, i, c, coef, zc, act, al, zero, one)
         return
     else:
         part = np.empty((C * splits, 2))  # C*splits: partial sums
@@ -405,7 +475,7 @@ def ncl_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu, b
             j0 = s * n // splits
             j1 = (s + 1) * n // splits
             part[item, 0], part[item, 1] = _ncl_grad_sums(
-                dy, x, c, j0, j1, np.float64(mean[c]), mean[c], zc[c, 0], zc[c, 1], act, al, zero, one
+                dy, x, c, j0, j1, mean[c], zc[c, 0], zc[c, 1], act, al, zero, one
             )
         for c in range(C):
             s1 = 0.0
@@ -415,29 +485,16 @@ def ncl_backward(dy, x, mean, invstd, w, splits, mode, dx, sum_dy, sum_dy_xmu, b
                 s2 += part[c * splits + s, 1]
             _finish_grad(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
     if mode != 0:
-        for item in prange(C * splits):
-            c = item // splits
-            s = item % splits
-            j0 = s * n // splits
-            j1 = (s + 1) * n // splits
-            _ncl_grad_input(
-                dy,
-                x,
-                dx,
-                c,
-                j0,
-                j1,
-                coef[c, 0],
-                coef[c, 1],
-                coef[c, 2],
-                coef[c, 3],
-                zc[c, 0],
-                zc[c, 1],
-                act,
-                al,
-                zero,
-                one,
-            )
+        if splits == 1:  # mode 2: image by image over blocks of channels
+            for blk in prange((C + block - 1) // block):
+                for i in range(N):
+                    for c in range(blk * block, min(C, (blk + 1) * block)):
+                        _run_grad_input_at(dy, x, dx, i, c, coef, zc, act, al, zero, one)
+        else:
+            for item in prange(C * splits):
+                c = item // splits
+                s = item % splits
+                _ncl_grad_input(dy, x, dx, c, s * n // splits, (s + 1) * n // splits, coef, zc, act, al, zero, one)
 
 
 def ncl_apply(x, scale, shift, y, splits):

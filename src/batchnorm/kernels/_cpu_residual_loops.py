@@ -37,6 +37,7 @@ from ._cpu_loops import (
     _helper,
     _ncl_sums,
     _rows,
+    _run_sums,
 )
 
 _GATHER = np.uint64(0x0102040810204080)
@@ -74,78 +75,100 @@ def _cut(s, splits, n, L):
 
 
 @_helper
-def _ncl_normalize_res_loop(x, r, y, mk, c, j0, j1, m, a, b, act, al, zero, f64, f8):
-    """``y = act((x - m) * a + b + r)`` on channel c, positions j0..j1 (j0 on a byte of its row),
-    and the sign bits of the argument into ``mk`` (not for the identity)."""
-    L = x.shape[2]
-    for n in range(j0 // L, (j1 + L - 1) // L):
-        lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
-        xs = x[n, c, lo:hi]  # <= L
-        rs = r[n, c, lo:hi]  # <= L
-        ys = y[n, c, lo:hi]  # <= L
+def _run_normalize_res_loop(x, r, y, mk, n, c, lo, hi, m, a, b, act, al, zero, f64, f8):
+    """``y = act((x - m) * a + b + r)`` on the run x[n, c, lo:hi] (lo a multiple of 8), and the
+    sign bits of the argument into ``mk`` (not for the identity)."""
+    xs = x[n, c, lo:hi]  # <= L
+    rs = r[n, c, lo:hi]  # <= L
+    ys = y[n, c, lo:hi]  # <= L
+    for i in range(xs.shape[0]):
+        z = (xs[i] - m) * a + b + rs[i]
+        ys[i] = _act(z, act, al, zero, zero)
+        f8[i] = z > zero
+    if act != 0:
+        _pack(f64, f8, hi - lo, mk[n, c, lo >> 3 :])
+
+
+@_helper
+def _run_normalize_res(x, r, y, mk, n, c, lo, hi, m, a, b, act, al, zero, f64, f8):
+    """:func:`_run_normalize_res_loop` with ``act`` made a constant."""
+    if act == 0:
+        _run_normalize_res_loop(x, r, y, mk, n, c, lo, hi, m, a, b, 0, al, zero, f64, f8)
+    elif act == 1:
+        _run_normalize_res_loop(x, r, y, mk, n, c, lo, hi, m, a, b, 1, al, zero, f64, f8)
+    else:
+        _run_normalize_res_loop(x, r, y, mk, n, c, lo, hi, m, a, b, 2, al, zero, f64, f8)
+
+
+@_helper
+def _run_masked_sums(dy, x, mk, n, c, lo, hi, m, al, zero, one, f64, f8):
+    """``sum(dz)``, ``sum(dz * (x - m))`` in float64 on the run x[n, c, lo:hi], with ``dz = dy``
+    where the mask bit is set, else ``dy * al``; block sums in x's dtype."""
+    _unpack(mk[n, c, lo >> 3 :], (hi - lo + 7) >> 3, f64)
+    s1 = 0.0
+    s2 = 0.0
+    for k in range(lo, hi, _BLOCK):
+        kk = min(k + _BLOCK, hi)
+        gs = dy[n, c, k:kk]  # <= _BLOCK
+        xs = x[n, c, k:kk]  # <= _BLOCK
+        fs = f8[k - lo : kk - lo]  # <= _BLOCK
+        p1 = zero
+        p2 = zero
         for i in range(xs.shape[0]):
-            z = (xs[i] - m) * a + b + rs[i]
-            ys[i] = _act(z, act, al, zero, zero)
-            f8[i] = z > zero
-        if act != 0:
-            _pack(f64, f8, hi - lo, mk[n, c, lo >> 3 :])
+            g = gs[i] * (one if fs[i] != 0 else al)
+            p1 += g
+            p2 += g * (xs[i] - m)
+        s1 += np.float64(p1)
+        s2 += np.float64(p2)
+    return s1, s2
+
+
+@_helper
+def _run_masked_grad_input(dy, x, mk, dx, dr, n, c, lo, hi, coef, al, one, f64, f8):
+    """``dr = dz``, ``dx = dz * k + (x - m) * a + b`` on the run x[n, c, lo:hi] (``coef[c]``:
+    k, m, a, b)."""
+    _unpack(mk[n, c, lo >> 3 :], (hi - lo + 7) >> 3, f64)
+    k, m, a, b = coef[c, 0], coef[c, 1], coef[c, 2], coef[c, 3]
+    gs = dy[n, c, lo:hi]  # <= L
+    xs = x[n, c, lo:hi]  # <= L
+    outx = dx[n, c, lo:hi]  # <= L
+    outr = dr[n, c, lo:hi]  # <= L
+    for i in range(xs.shape[0]):
+        g = gs[i] * (one if f8[i] != 0 else al)
+        outr[i] = g
+        outx[i] = g * k + (xs[i] - m) * a + b
 
 
 @_helper
 def _ncl_normalize_res(x, r, y, mk, c, j0, j1, m, a, b, act, al, zero, f64, f8):
-    """:func:`_ncl_normalize_res_loop` with ``act`` made a constant."""
-    if act == 0:
-        _ncl_normalize_res_loop(x, r, y, mk, c, j0, j1, m, a, b, 0, al, zero, f64, f8)
-    elif act == 1:
-        _ncl_normalize_res_loop(x, r, y, mk, c, j0, j1, m, a, b, 1, al, zero, f64, f8)
-    else:
-        _ncl_normalize_res_loop(x, r, y, mk, c, j0, j1, m, a, b, 2, al, zero, f64, f8)
+    """:func:`_run_normalize_res` over channel c's positions j0..j1 (j0 on a byte of its row)."""
+    L = x.shape[2]
+    for n in range(j0 // L, (j1 + L - 1) // L):
+        _run_normalize_res(x, r, y, mk, n, c, max(j0 - n * L, 0), min(j1 - n * L, L), m, a, b, act, al, zero, f64, f8)
 
 
 @_helper
-def _ncl_masked_sums(dy, x, mk, c, j0, j1, mean, mx, al, zero, one, f64, f8):
-    """``sum(dz)``, ``sum(dz * (x - mean))`` in float64 on channel c, positions j0..j1, with
-    ``dz = dy`` where the mask bit is set, else ``dy * al``; block sums in x's dtype."""
+def _ncl_masked_sums(dy, x, mk, c, j0, j1, m, al, zero, one, f64, f8):
+    """:func:`_run_masked_sums` over channel c's positions j0..j1."""
     L = x.shape[2]
     s1 = 0.0
     s2 = 0.0
     for n in range(j0 // L, (j1 + L - 1) // L):
-        lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
-        _unpack(mk[n, c, lo >> 3 :], (hi - lo + 7) >> 3, f64)
-        for k in range(lo, hi, _BLOCK):
-            kk = min(k + _BLOCK, hi)
-            gs = dy[n, c, k:kk]  # <= _BLOCK
-            xs = x[n, c, k:kk]  # <= _BLOCK
-            fs = f8[k - lo : kk - lo]  # <= _BLOCK
-            p1 = zero
-            p2 = zero
-            for i in range(xs.shape[0]):
-                g = gs[i] * (one if fs[i] != 0 else al)
-                p1 += g
-                p2 += g * (xs[i] - mx)
-            s1 += np.float64(p1)
-            s2 += np.float64(p2)
-    return s1, s2 + (np.float64(mx) - mean) * s1
+        a1, a2 = _run_masked_sums(dy, x, mk, n, c, max(j0 - n * L, 0), min(j1 - n * L, L), m, al, zero, one, f64, f8)
+        s1 += a1
+        s2 += a2
+    return s1, s2
 
 
 @_helper
-def _ncl_masked_grad_input(dy, x, mk, dx, dr, c, j0, j1, k, m, a, b, al, one, f64, f8):
-    """``dr = dz``, ``dx = dz * k + (x - m) * a + b`` on channel c, positions j0..j1."""
+def _ncl_masked_grad_input(dy, x, mk, dx, dr, c, j0, j1, coef, al, one, f64, f8):
+    """:func:`_run_masked_grad_input` over channel c's positions j0..j1."""
     L = x.shape[2]
     for n in range(j0 // L, (j1 + L - 1) // L):
-        lo, hi = max(j0 - n * L, 0), min(j1 - n * L, L)
-        _unpack(mk[n, c, lo >> 3 :], (hi - lo + 7) >> 3, f64)
-        gs = dy[n, c, lo:hi]  # <= L
-        xs = x[n, c, lo:hi]  # <= L
-        outx = dx[n, c, lo:hi]  # <= L
-        outr = dr[n, c, lo:hi]  # <= L
-        for i in range(xs.shape[0]):
-            g = gs[i] * (one if f8[i] != 0 else al)
-            outr[i] = g
-            outx[i] = g * k + (xs[i] - m) * a + b
+        _run_masked_grad_input(dy, x, mk, dx, dr, n, c, max(j0 - n * L, 0), min(j1 - n * L, L), coef, al, one, f64, f8)
 
 
-def ncl_forward_res(x, r, w, b, eps, splits, y, mk, mean_out, var_out, act, alpha):
+def ncl_forward_res(x, r, w, b, eps, splits, block, y, mk, mean_out, var_out, act, alpha):
     """Training forward on x[N, C, L]: statistics, ``y = act(BN(x) + r)`` and the sign mask
     ``mk`` (``act`` 1 or 2; for 0 the mask is left alone). Work items as ``ncl_forward``."""
     N, C, L = x.shape
@@ -154,13 +177,26 @@ def ncl_forward_res(x, r, w, b, eps, splits, y, mk, mean_out, var_out, act, alph
     al, zero, _ = _consts(x, alpha)
     words = (L + 7) // 8
     if splits == 1:
-        for c in prange(C):
+        for blk in prange((C + block - 1) // block):
+            c0 = blk * block
+            c1 = min(C, c0 + block)
             f64 = np.empty(words, dtype=np.uint64)  # scratch flags of one row
             f8 = f64.view(np.uint8)
-            shift = x[0, c, 0]
-            s1, s2 = _ncl_sums(x, c, 0, n, shift, zero)
-            _finish_stats(s1, s2, n, np.float64(shift), eps, w, b, coef, mean_out, var_out, c)
-            _ncl_normalize_res(x, r, y, mk, c, 0, n, coef[c, 0], coef[c, 1], coef[c, 2], act, al, zero, f64, f8)
+            acc = np.zeros((c1 - c0, 2))  # block of C: shifted sums
+            for i in range(N):
+                for c in range(c0, c1):
+                    s1, s2 = _run_sums(x[i, c], x[0, c, 0], zero)
+                    acc[c - c0, 0] += s1
+                    acc[c - c0, 1] += s2
+            for c in range(c0, c1):
+                _finish_stats(
+                    acc[c - c0, 0], acc[c - c0, 1], n, np.float64(x[0, c, 0]), eps, w, b, coef, mean_out, var_out, c
+                )
+            for i in range(N):
+                for c in range(c0, c1):
+                    _run_normalize_res(
+                        x, r, y, mk, i, c, 0, L, coef[c, 0], coef[c, 1], coef[c, 2], act, al, zero, f64, f8
+                    )
         return
     part = np.empty((C * splits, 2))  # C*splits: shifted sums
     for item in prange(C * splits):
@@ -184,7 +220,7 @@ def ncl_forward_res(x, r, w, b, eps, splits, y, mk, mean_out, var_out, act, alph
         _ncl_normalize_res(x, r, y, mk, c, j0, j1, coef[c, 0], coef[c, 1], coef[c, 2], act, al, zero, f64, f8)
 
 
-def ncl_backward_res(dy, x, mk, mean, invstd, w, splits, dx, dr, sum_dy, sum_dy_xmu, alpha):
+def ncl_backward_res(dy, x, mk, mean, invstd, w, splits, block, dx, dr, sum_dy, sum_dy_xmu, alpha):
     """Backward of ``act(BN(x) + r)`` on x[N, C, L] from the sign mask: ``dr = dz``, ``dx`` and
     the sums of ``dz`` (``alpha``: act' where the bit is clear, 0 for ReLU)."""
     N, C, L = x.shape
@@ -193,14 +229,22 @@ def ncl_backward_res(dy, x, mk, mean, invstd, w, splits, dx, dr, sum_dy, sum_dy_
     words = (L + 7) // 8
     coef = np.empty((C, 4), dtype=x.dtype)  # C: k, mean, a, b
     if splits == 1:
-        for c in prange(C):
+        for blk in prange((C + block - 1) // block):
+            c0 = blk * block
+            c1 = min(C, c0 + block)
             f64 = np.empty(words, dtype=np.uint64)
             f8 = f64.view(np.uint8)
-            s1, s2 = _ncl_masked_sums(dy, x, mk, c, 0, n, np.float64(mean[c]), mean[c], al, zero, one, f64, f8)
-            _finish_grad_res(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
-            _ncl_masked_grad_input(
-                dy, x, mk, dx, dr, c, 0, n, coef[c, 0], coef[c, 1], coef[c, 2], coef[c, 3], al, one, f64, f8
-            )
+            acc = np.zeros((c1 - c0, 2))  # block of C: partial sums
+            for i in range(N):
+                for c in range(c0, c1):
+                    s1, s2 = _run_masked_sums(dy, x, mk, i, c, 0, L, mean[c], al, zero, one, f64, f8)
+                    acc[c - c0, 0] += s1
+                    acc[c - c0, 1] += s2
+            for c in range(c0, c1):
+                _finish_grad_res(acc[c - c0, 0], acc[c - c0, 1], n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
+            for i in range(N):
+                for c in range(c0, c1):
+                    _run_masked_grad_input(dy, x, mk, dx, dr, i, c, 0, L, coef, al, one, f64, f8)
         return
     part = np.empty((C * splits, 2))  # C*splits: partial sums
     for item in prange(C * splits):
@@ -210,9 +254,7 @@ def ncl_backward_res(dy, x, mk, mean, invstd, w, splits, dx, dr, sum_dy, sum_dy_
         f8 = f64.view(np.uint8)
         j0 = _cut(s, splits, n, L)
         j1 = _cut(s + 1, splits, n, L)
-        part[item, 0], part[item, 1] = _ncl_masked_sums(
-            dy, x, mk, c, j0, j1, np.float64(mean[c]), mean[c], al, zero, one, f64, f8
-        )
+        part[item, 0], part[item, 1] = _ncl_masked_sums(dy, x, mk, c, j0, j1, mean[c], al, zero, one, f64, f8)
     for c in range(C):
         s1 = 0.0
         s2 = 0.0
@@ -227,9 +269,7 @@ def ncl_backward_res(dy, x, mk, mean, invstd, w, splits, dx, dr, sum_dy, sum_dy_
         f8 = f64.view(np.uint8)
         j0 = _cut(s, splits, n, L)
         j1 = _cut(s + 1, splits, n, L)
-        _ncl_masked_grad_input(
-            dy, x, mk, dx, dr, c, j0, j1, coef[c, 0], coef[c, 1], coef[c, 2], coef[c, 3], al, one, f64, f8
-        )
+        _ncl_masked_grad_input(dy, x, mk, dx, dr, c, j0, j1, coef, al, one, f64, f8)
 
 
 @_helper

@@ -228,6 +228,20 @@ def _ncl_splits(threads: int, n: int, c: int) -> int:
     return max(1, min(n, -(-CHANNELS_PER_THREAD * threads // c)))
 
 
+# ncl: bytes of each input a block of channels may span, so the block's second pass reads
+# it from the core's L2 cache (1 MiB or more on current x86 cores).
+CACHE_BLOCK_BYTES = 1 << 18
+
+
+def _ncl_block(threads: int, x: Tensor) -> int:
+    """Channels per work item on the ncl layout: as many as fit ``CACHE_BLOCK_BYTES`` (small
+    images: reads of ``block * L`` values in a row, which the prefetcher follows), keeping
+    ``CHANNELS_PER_THREAD`` items per thread."""
+    n, c, l = x.shape
+    block = max(1, CACHE_BLOCK_BYTES // max(1, n * l * x.element_size()))
+    return max(1, min(block, c // (CHANNELS_PER_THREAD * threads)))
+
+
 def _nlc_splits(threads: int, rows: int) -> int:
     """Row blocks for the nlc kernels."""
     return 1 if threads == 1 else max(1, min(rows, BLOCKS_PER_THREAD * threads))
@@ -291,7 +305,7 @@ class NumbaBackend(Backend):
             _call(
                 "ncl_forward",
                 x.numel(),
-                lambda t: (xa, w, b, eps, _ncl_splits(t, n * l, c), write_y, ya, ma, va, act, alpha),
+                lambda t: (xa, w, b, eps, _ncl_splits(t, n * l, c), _ncl_block(t, x), write_y, ya, ma, va, act, alpha),
             )
         else:
             _call(
@@ -363,7 +377,21 @@ class NumbaBackend(Backend):
             _call(
                 "ncl_forward_res",
                 x.numel(),
-                lambda t: (xa, ra, w, b, eps, _ncl_splits(t, n * l, c), ya, mka, ma, va, code, act.param),
+                lambda t: (
+                    xa,
+                    ra,
+                    w,
+                    b,
+                    eps,
+                    _ncl_splits(t, n * l, c),
+                    _ncl_block(t, x),
+                    ya,
+                    mka,
+                    ma,
+                    va,
+                    code,
+                    act.param,
+                ),
                 residual_loops,
             )
         else:
@@ -407,15 +435,19 @@ class NumbaBackend(Backend):
         s1, s2 = sum_dz.numpy(), sum_dz_xmu.numpy()
         slope = 0.0 if act.name == "relu" else act.param
         if layout == "ncl":
-            name, splits = "ncl_backward_res", lambda t: _ncl_splits(t, n * l, c)
+            _call(
+                "ncl_backward_res",
+                x.numel(),
+                lambda t: (ga, xa, mka, ma, sa, w, _ncl_splits(t, n * l, c), _ncl_block(t, x), dxa, dra, s1, s2, slope),
+                residual_loops,
+            )
         else:
-            name, splits = "nlc_backward_res", lambda t: _nlc_splits(t, n * l)
-        _call(
-            name,
-            x.numel(),
-            lambda t: (ga, xa, mka, ma, sa, w, splits(t), dxa, dra, s1, s2, slope),
-            residual_loops,
-        )
+            _call(
+                "nlc_backward_res",
+                x.numel(),
+                lambda t: (ga, xa, mka, ma, sa, w, _nlc_splits(t, n * l), dxa, dra, s1, s2, slope),
+                residual_loops,
+            )
         return dx, dr, sum_dz, sum_dz_xmu
 
     def backward_reduce(self, dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
@@ -460,7 +492,22 @@ class NumbaBackend(Backend):
             _call(
                 "ncl_backward",
                 x.numel(),
-                lambda t: (ga, xa, ma, sa, w, _ncl_splits(t, n * l, c), mode, dxa, s1, s2, b, act, alpha),
+                lambda t: (
+                    ga,
+                    xa,
+                    ma,
+                    sa,
+                    w,
+                    _ncl_splits(t, n * l, c),
+                    _ncl_block(t, x),
+                    mode,
+                    dxa,
+                    s1,
+                    s2,
+                    b,
+                    act,
+                    alpha,
+                ),
             )
         else:
             _call(
