@@ -34,8 +34,12 @@ DTYPES = [
     pytest.param((torch.float64, 1e-12, 1e-12), id="float64"),
 ]
 # (N, C, L): primes, 1-sized dimensions, N*L == 2, (B, N) as L == 1, a late ResNet layer, and
-# runs and row counts longer than the kernels' blocks summed in float32 (256 values, 64 rows).
-SHAPES = [(2, 3, 5), (1, 7, 2), (2, 5, 1), (13, 1, 11), (3, 17, 1), (5, 4, 9), (1, 2, 131), (4, 64, 49), (6, 3, 300)]
+# runs and row counts longer than the kernels' blocks summed in float32 (256 values, 64 rows), and
+# more channels than one channels-last column block (2048).
+SHAPES = [
+    (2, 3, 5), (1, 7, 2), (2, 5, 1), (13, 1, 11), (3, 17, 1), (5, 4, 9), (1, 2, 131), (4, 64, 49), (6, 3, 300),
+    (2, 2100, 3),
+]  # fmt: skip
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 
 

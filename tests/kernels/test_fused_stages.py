@@ -65,7 +65,8 @@ def threads(request, monkeypatch):
 
 RESIDUAL_ACTS = [Activation("identity"), Activation("relu"), Activation("leaky_relu", 0.2)]
 # (N, C, L), layout: odd lengths and channel counts (bits that do not fill a byte), rows longer
-# than the kernels' blocks, few channels (the parallel kernels split each channel's batch), L == 1
+# than the kernels' blocks, few channels (the parallel kernels split each channel's batch), L == 1,
+# many channels
 RESIDUAL_SHAPES = [
     ((4, 3, 7), "ncl"),
     ((3, 2, 300), "ncl"),
@@ -73,6 +74,7 @@ RESIDUAL_SHAPES = [
     ((70, 3, 2), "nlc"),
     ((9, 13, 1), "ncl"),
     ((2, 6, 13), "strided"),
+    ((3, 2100, 2), "nlc"),  # two channels-last column blocks
 ]
 
 

@@ -69,12 +69,11 @@ def test_statistics_dtype_is_at_least_float32():
     assert kernels.stats_dtype(torch.float64) == torch.float64
 
 
-def test_numba_declines_plain_channels_last_small_images_but_takes_them_fused(monkeypatch):
+def test_numba_declines_small_row_inputs_plain_or_fused(monkeypatch):
     monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
-    x = torch.randn(4, 8, 49).mT.contiguous().mT  # channels-last, 7x7 images
-    assert kernels.select(x).name == "torch"
-    assert kernels.select(x, fused=True).name == "numba"
-    big = torch.randn(2, 8, 4096).mT.contiguous().mT
-    assert kernels.select(big).name == kernels.select(big, fused=True).name == "numba"
+    for x in (torch.randn(4, 8, 49).mT.contiguous().mT, torch.randn(4, 8, 49), torch.randn(2, 8, 4096)):
+        assert kernels.select(x).name == kernels.select(x, fused=True).name == "numba"
     small_rows = torch.randn(16, 8, 1)
     assert kernels.select(small_rows).name == kernels.select(small_rows, fused=True).name == "torch"
+    big_rows = torch.randn(1 << 14, 64, 1)
+    assert kernels.select(big_rows).name == "numba"
