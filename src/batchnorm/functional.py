@@ -381,7 +381,6 @@ def inference_affine(
     return affine_from_stats(running_mean, torch.rsqrt(running_var + eps), weight, bias)
 
 
-@torch.no_grad()
 def update_running_stats(
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -408,9 +407,18 @@ def update_running_stats(
     most of the small operations.
     """
     if mean.device.type == "cpu" and not torch.compiler.is_compiling():
+        # in NumPy, outside autograd (torch.no_grad() costs more than the update at small sizes)
         _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                        skip_nonfinite, nonfinite_count)  # fmt: skip
         return
+    with torch.no_grad():
+        _update_on_device(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+                          skip_nonfinite, nonfinite_count)  # fmt: skip
+
+
+def _update_on_device(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+                      skip_nonfinite, nonfinite_count) -> None:  # fmt: skip
+    """:func:`update_running_stats` with tensor ops only: no value read back to the host."""
     unbiased = var * (count / (count - 1)) if count > 1 else var
     pairs = [(r, b) for r, b in ((running_mean, mean), (running_var, unbiased)) if r is not None]
     running = [r for r, _ in pairs]
@@ -516,7 +524,8 @@ def _update_on_cpu_torch(running_mean, running_var, mean, var, count, momentum, 
         if r is not None:
             running.append(r)
             batch.append(b if b.dtype == r.dtype else b.to(r.dtype))
-    torch._foreach_lerp_(running, batch, factor)  # running += factor * (batch - running)
+    with torch.no_grad():
+        torch._foreach_lerp_(running, batch, factor)  # running += factor * (batch - running)
 
 
 def batch_norm(
