@@ -11,9 +11,13 @@ from __future__ import annotations
 from torch import fx, nn
 
 
+# where this package's layers are defined (not its example networks: those are traced into)
+_LAYER_MODULES = ("batchnorm.modules", "batchnorm.sync", "batchnorm.fold")
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m).__module__.startswith("batchnorm."):
+        if type(m).__module__ in _LAYER_MODULES:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -141,14 +141,3 @@ def test_a_mask_written_by_one_backend_is_read_by_the_other(forward_on, backward
     want = first.backward_train_residual(dy, x, mean, invstd, w, mask, act)
     for name, g, e in zip(["dx", "dresidual", "sum_dz", "sum_dz_xmu"], got, want, strict=True):
         assert_close(g, e, 1e-12, 1e-10, name)
-
-
-@pytest.mark.parametrize("shape,layout", [((3, 5, 13), "ncl"), ((3, 13, 5), "nlc"), ((4, 9, 1), "ncl")], ids=str)
-def test_sign_mask_round_trip_and_size(shape, layout):
-    x = _make_layout(torch.randn(shape), layout)
-    positive = torch.rand(shape) > 0.5
-    mask = sign_mask.pack(positive, x)
-    assert mask.dtype == torch.uint8 and tuple(mask.shape) == sign_mask.shape(x)
-    rows = mask.numel() // mask.shape[-1]
-    assert mask.numel() <= x.numel() / 8 + rows  # one bit per element, plus padding to a byte per row
-    assert torch.equal(sign_mask.unpack(mask, x), positive)
