@@ -11,6 +11,7 @@ from torch import nn
 import batchnorm
 from batchnorm.activations import Activation
 from batchnorm.experiments.resnet import TinyResNet
+from batchnorm.memory import saved_bytes
 from tests.helpers import assert_close
 
 
@@ -45,6 +46,35 @@ def test_resnet_blocks_fuse_and_train_like_the_original():
     original.eval(), fused.eval()
     x = torch.randn(2, 3, 10, 10)
     assert_close(fused(x), original(x), 1e-5, 1e-5, "eval")
+
+
+def test_memory_efficient_fuse_frees_the_inputs_of_invertible_blocks_and_trains_alike():
+    def leaky():
+        return nn.LeakyReLU(0.1, inplace=True)
+
+    original = TinyResNet(activation=leaky)
+    plain = batchnorm.fuse(copy.deepcopy(original))
+    saving = batchnorm.fuse(copy.deepcopy(original), memory_efficient=True)
+    efficient = {n for n, m in saving.named_modules() if getattr(m, "memory_efficient", False)}
+    # BN + LeakyReLU without a residual: the stem and every block's inner BNs; never one before an add
+    assert efficient == {"stem.1", *(f"layers.{i}.bn1" for i in range(4)), "layers.3.bn2"}
+    x, target = torch.randn(4, 3, 10, 10), torch.randint(0, 5, (4,))
+    kept = {name: saved_bytes(lambda m=m: nn.functional.cross_entropy(m(x), target)) for name, m in
+            (("original", original), ("plain", plain), ("saving", saving))}  # fmt: skip
+    assert kept["saving"] < 0.85 * kept["plain"] <= 0.85 * kept["original"], kept
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (original, saving)]
+    for step in range(3):
+        x, target = torch.randn(4, 3, 10, 10), torch.randint(0, 5, (4,))
+        losses = []
+        for model, optimizer in zip((original, saving), optimizers, strict=True):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        assert_close(losses[1], losses[0], 1e-5, 1e-5, f"step {step} loss")
+    for (name, p_ref), p_fused in zip(original.named_parameters(), saving.parameters(), strict=True):
+        assert_close(p_fused, p_ref, 1e-5, 1e-4, name)
 
 
 def test_fuse_keeps_tensors_and_state_dict_keys():

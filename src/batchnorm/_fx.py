@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-
 # where this package's layers are defined (not its example networks: those are traced into)
 _LAYER_MODULES = ("batchnorm.modules", "batchnorm.sync", "batchnorm.fold")
 

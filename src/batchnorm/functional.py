@@ -363,6 +363,16 @@ def _activate(y: Tensor, residual: Tensor | None, act: Activation) -> Tensor:
     return activations.forward(y, act)
 
 
+def _activate_owned(y: Tensor, residual: Tensor | None, act: Activation) -> Tensor:
+    """:func:`_activate` on a fresh ``y`` from torch's batch-norm kernel: activations whose
+    backward needs only their output run in place, so autograd keeps one tensor, not two."""
+    if residual is not None:
+        y = y + residual
+    if act.name in ("relu", "leaky_relu", "elu"):
+        return activations.apply_(y, act)
+    return activations.forward(y, act)
+
+
 def inference_affine(
     running_mean: Tensor,
     running_var: Tensor,
@@ -592,7 +602,7 @@ def batch_norm(
         # where our Python layer would cost more than the work, and the memory fusion saves is small
         if not training:
             y = torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps, False)
-            return _activate(y, residual, act) if fusing else y
+            return _activate_owned(y, residual, act) if fusing else y
         y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
         if running_mean is not None or running_var is not None:
             with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # a diverged batch: inf/NaN
@@ -601,7 +611,7 @@ def batch_norm(
                 running_mean, running_var, mean.detach(), var, input.numel() // input.shape[1], momentum,
                 num_batches_tracked, skip_nonfinite, nonfinite_count,
             )  # fmt: skip
-        return _activate(y, residual, act) if fusing else y
+        return _activate_owned(y, residual, act) if fusing else y
     if not training:
         scale, shift = inference_affine(running_mean, running_var, weight, bias, eps)
         y = (

@@ -37,18 +37,24 @@ _FUNCTIONS = {
 _METHODS = {"relu": "relu", "relu_": "relu"}
 
 
-def fuse(model: nn.Module) -> nn.Module:
+def fuse(model: nn.Module, memory_efficient: bool = False) -> nn.Module:
     """Return ``model`` with its batch-norm + activation (+ residual add) patterns fused.
 
     Parameters and buffers are kept (the same tensors), so an optimizer and a
     ``state_dict`` carry over. A model that torch.fx can trace comes back as an
     ``fx.GraphModule``; otherwise the model itself, changed in place.
+
+    ``memory_efficient=True`` also puts the fused layers with an invertible
+    activation (identity, LeakyReLU, ELU) and no residual in the memory-saving
+    mode: in training they keep only their output, which the next layer usually
+    keeps anyway, so their input is freed after the forward. Their weights must
+    stay non-zero (the layer raises otherwise).
     """
     try:
         traced = trace(model)
     except Exception:  # untraceable Python in forward: fall back to the module walk
-        return _fuse_sequentials(model)
-    _fuse_graph(traced)
+        return _fuse_sequentials(model, memory_efficient)
+    _fuse_graph(traced, memory_efficient)
     return traced
 
 
@@ -94,7 +100,7 @@ def _fusable_bn(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, i
     return calls[node.target] == 1 and len(node.users) == 1 and len(node.args) == 1 and not node.kwargs
 
 
-def _fuse_graph(traced: fx.GraphModule) -> None:
+def _fuse_graph(traced: fx.GraphModule, memory_efficient: bool = False) -> None:
     modules = dict(traced.named_modules())
     calls = call_counts(traced)
     for node in list(traced.graph.nodes):
@@ -110,7 +116,7 @@ def _fuse_graph(traced: fx.GraphModule) -> None:
                 act = _activation_of(last, modules, user)
         if act is None:
             continue
-        _replace_module(traced, node.target, act)
+        _replace_module(traced, node.target, act, memory_efficient and residual is None)
         with traced.graph.inserting_before(last):
             args = (node.args[0],) if residual is None else (node.args[0], residual)
             fused = traced.graph.call_module(node.target, args)
@@ -128,20 +134,21 @@ def _is_add_of(node: fx.Node, source: fx.Node) -> bool:
     return source in node.args and isinstance(other, fx.Node) and other is not source
 
 
-def _replace_module(root: nn.Module, target: str, act: Activation) -> None:
+def _replace_module(root: nn.Module, target: str, act: Activation, memory_efficient: bool = False) -> None:
     parent_name, _, name = target.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     fused = convert(getattr(parent, name))  # ours, sharing the same tensors (a no-op if already ours)
     fused.activation = act
+    fused.memory_efficient = memory_efficient and act.invertible
     setattr(parent, name, fused)
 
 
 # --- module walk ----------------------------------------------------------------------------
 
 
-def _fuse_sequentials(module: nn.Module) -> nn.Module:
+def _fuse_sequentials(module: nn.Module, memory_efficient: bool = False) -> nn.Module:
     for name, child in module.named_children():
-        setattr(module, name, _fuse_sequentials(child))
+        setattr(module, name, _fuse_sequentials(child, memory_efficient))
     if not isinstance(module, nn.Sequential):
         return module
     children = list(module.named_children())
@@ -152,6 +159,6 @@ def _fuse_sequentials(module: nn.Module) -> nn.Module:
             act = activations.parse(act_module)
         except ValueError:
             continue
-        _replace_module(module, bn_name, act)
+        _replace_module(module, bn_name, act, memory_efficient)
         setattr(module, act_name, nn.Identity())
     return module
