@@ -445,3 +445,23 @@ def test_stats_of_constant_channels_and_single_values(shape, channels_last):
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     mean, var = kernels.get("numba").stats(x)
     assert torch.equal(mean, torch.full((3,), 2.5)) and torch.equal(var, torch.zeros(3))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_backward_takes_act_prime_where_the_forward_took_the_sign(layout, dtype, threads, gen):
+    """The backward recomputes ``z`` from x rounded exactly as the forward: with ``dy = 1``,
+    ``sum(dz)`` counts the elements where the forward's ReLU let ``z`` through, even at the kink."""
+    n, c, l = 8, 3, 257
+    signs = (torch.randint(0, 2, (n, c, l), generator=gen) * 2 - 1).to(dtype)
+    nudges = torch.randint(-3, 4, (n, c, l), generator=gen).to(dtype) * torch.finfo(dtype).eps
+    x = signs + nudges  # mean about 0, variance about 1: many z within a few ulps of 0 below
+    if layout == "channels_last":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    weight = (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    mean, var = BACKEND.stats(x)
+    bias = -(1 - mean) * weight * torch.rsqrt(var + EPS)  # z = 0 about where x = 1
+    relu = Activation("relu")
+    y, mean, var = BACKEND.forward_train_act(x, weight, bias, EPS, relu)
+    _, sum_dz, _ = BACKEND.backward_train_act(torch.ones_like(x), x, mean, torch.rsqrt(var + EPS), weight, bias, relu)
+    assert torch.equal(sum_dz, (y > 0).sum((0, 2)).to(dtype))

@@ -261,15 +261,37 @@ def _ncl_grad_input(dy, x, dx, c, j0, j1, coef, zc, act, al, zero, one):
 
 
 @_helper
-def _finish_stats(s1, s2, n, shift, eps, w, b, coef, mean_out, var_out, c):
-    """Mean and biased variance from shifted sums; ``coef[c] = (mean, w*invstd, b)`` in x's dtype."""
+def _in_dtype(x, value):
+    """``value`` as a scalar of x's dtype."""
+    cst = np.empty(1, dtype=x.dtype)
+    cst[0] = value
+    return cst[0]
+
+
+@numba.njit(cache=True)  # strict IEEE arithmetic: fast-math would turn w * (1 / s) into w / s
+def _scale(w, var_out, c, ex, one):
+    """``w * invstd`` in x's dtype with ``invstd = 1 / sqrt(var + eps)`` from the variance as
+    stored (x's dtype, ``ex`` the eps in it): the value the backward gets from
+    ``torch.rsqrt(var + eps)`` (correctly rounded sqrt, then division) and multiplies by w. The
+    backward recomputes ``z`` with it, so ``act'(z)`` there agrees with ``act(z)`` here."""
+    r = np.empty(3, dtype=w.dtype)  # each step rounded to the dtype (NumPy scalars would widen)
+    r[0] = np.sqrt(var_out[c] + ex)
+    r[1] = one / r[0]
+    r[2] = w[c] * r[1]
+    return r[2]
+
+
+@_helper
+def _finish_stats(s1, s2, n, shift, ex, one, w, b, coef, mean_out, var_out, c):
+    """Mean and biased variance from shifted sums; ``coef[c] = (mean, w*invstd, b)`` in x's dtype
+    (``ex``, ``one``: eps and 1 in x's dtype)."""
     dm = s1 / n
     var = max(s2 / n - dm * dm, 0.0)
     mean = shift + dm
     mean_out[c] = mean
     var_out[c] = var
     coef[c, 0] = mean
-    coef[c, 1] = w[c] / np.sqrt(var + eps)
+    coef[c, 1] = _scale(w, var_out, c, ex, one)
     coef[c, 2] = b[c]
 
 
@@ -394,6 +416,7 @@ def ncl_forward(x, w, b, eps, splits, block, write_y, y, mean_out, var_out, act,
     n = N * L
     coef = np.empty((C, 3), dtype=x.dtype)  # C: mean, scale, shift in x's dtype
     al, zero, one = _consts(x, alpha)
+    ex = _in_dtype(x, eps)
     if splits == 1:
         for blk in prange((C + block - 1) // block):
             c0 = blk * block
@@ -406,7 +429,7 @@ def ncl_forward(x, w, b, eps, splits, block, write_y, y, mean_out, var_out, act,
                     acc[c - c0, 1] += s2
             for c in range(c0, c1):
                 _finish_stats(
-                    acc[c - c0, 0], acc[c - c0, 1], n, np.float64(x[0, c, 0]), eps, w, b, coef, mean_out, var_out, c
+                    acc[c - c0, 0], acc[c - c0, 1], n, np.float64(x[0, c, 0]), ex, one, w, b, coef, mean_out, var_out, c
                 )
             if write_y:
                 for i in range(N):
@@ -424,7 +447,7 @@ def ncl_forward(x, w, b, eps, splits, block, write_y, y, mean_out, var_out, act,
             for s in range(splits):
                 s1 += part[c * splits + s, 0]
                 s2 += part[c * splits + s, 1]
-            _finish_stats(s1, s2, n, np.float64(x[0, c, 0]), eps, w, b, coef, mean_out, var_out, c)
+            _finish_stats(s1, s2, n, np.float64(x[0, c, 0]), ex, one, w, b, coef, mean_out, var_out, c)
         if write_y:
             for item in prange(C * splits):
                 c = item // splits
@@ -547,6 +570,8 @@ def nlc_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out, act, alpha)
                     a1[j] += p1[j]
                     a2[j] += p2[j]
     coef = np.empty((3, C), dtype=x.dtype)  # mean, scale, shift in x's dtype
+    ex = _in_dtype(x, eps)
+    one = _in_dtype(x, 1.0)
     for c in range(C):
         s1 = 0.0
         s2 = 0.0
@@ -558,7 +583,7 @@ def nlc_forward(x, w, b, eps, splits, write_y, y, mean_out, var_out, act, alpha)
         mean_out[c] = np.float64(shift[c]) + dm
         var_out[c] = var
         coef[0, c] = np.float64(shift[c]) + dm
-        coef[1, c] = w[c] / np.sqrt(var + eps)
+        coef[1, c] = _scale(w, var_out, c, ex, one)
         coef[2, c] = b[c]
     if write_y:
         al, zero, one = _consts(x, alpha)

@@ -35,6 +35,7 @@ from ._cpu_loops import (
     _consts,
     _finish_stats,
     _helper,
+    _in_dtype,
     _ncl_sums,
     _rows,
     _run_sums,
@@ -174,7 +175,8 @@ def ncl_forward_res(x, r, w, b, eps, splits, block, y, mk, mean_out, var_out, ac
     N, C, L = x.shape
     n = N * L
     coef = np.empty((C, 3), dtype=x.dtype)  # C: mean, scale, shift in x's dtype
-    al, zero, _ = _consts(x, alpha)
+    al, zero, one = _consts(x, alpha)
+    ex = _in_dtype(x, eps)
     words = (L + 7) // 8
     if splits == 1:
         for blk in prange((C + block - 1) // block):
@@ -190,7 +192,7 @@ def ncl_forward_res(x, r, w, b, eps, splits, block, y, mk, mean_out, var_out, ac
                     acc[c - c0, 1] += s2
             for c in range(c0, c1):
                 _finish_stats(
-                    acc[c - c0, 0], acc[c - c0, 1], n, np.float64(x[0, c, 0]), eps, w, b, coef, mean_out, var_out, c
+                    acc[c - c0, 0], acc[c - c0, 1], n, np.float64(x[0, c, 0]), ex, one, w, b, coef, mean_out, var_out, c
                 )
             for i in range(N):
                 for c in range(c0, c1):
@@ -209,7 +211,7 @@ def ncl_forward_res(x, r, w, b, eps, splits, block, y, mk, mean_out, var_out, ac
         for s in range(splits):
             s1 += part[c * splits + s, 0]
             s2 += part[c * splits + s, 1]
-        _finish_stats(s1, s2, n, np.float64(x[0, c, 0]), eps, w, b, coef, mean_out, var_out, c)
+        _finish_stats(s1, s2, n, np.float64(x[0, c, 0]), ex, one, w, b, coef, mean_out, var_out, c)
     for item in prange(C * splits):
         c = item // splits
         s = item % splits

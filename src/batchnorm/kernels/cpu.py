@@ -398,7 +398,7 @@ class NumbaBackend(Backend):
                 x.numel(),
                 lambda t: (xa, w, b, eps, _nlc_splits(t, n * l), False, xa, ma, va, 0, 0.0),
             )
-            scale = (w / np.sqrt(va.astype(np.float64) + eps)).astype(xa.dtype)
+            scale = w * (xa.dtype.type(1) / np.sqrt(va + xa.dtype.type(eps)))  # as the kernels' _scale
             _call(
                 "nlc_apply_res",
                 x.numel(),
