@@ -73,11 +73,20 @@ def test_fused_modes_check_every_gradient_against_torch(mode):
     ours, theirs = benchmark._layers(case, torch.device("cpu"), torch.float64, mode)
     results = {"ours": benchmark._step(ours, x, dy, mode, r), "torch": benchmark._step(theirs, x, dy, mode, r)}
     assert len(results["ours"]) == (5 if r is not None else 4)
-    benchmark._validate(case, mode, results, x, dy, ours)
-    wrong = list(results["ours"])
-    wrong[-1] = wrong[-1] * 1.01  # dresidual, or dbias
+    context = {"block": theirs, "residual": r}
+    benchmark._validate(case, mode, {**results, **context}, x, dy, ours)
+    for k in range(len(results["ours"])):  # y, dx, dweight, dbias, dresidual: each is checked
+        wrong = list(results["ours"])
+        wrong[k] = wrong[k] * 1.01 + 0.01
+        with pytest.raises(AssertionError, match="differs from torch eager"):
+            benchmark._validate(case, mode, {"ours": wrong, "torch": results["torch"], **context}, x, dy, ours)
+    # a backward that ignored the ReLU (dz = dy everywhere) is caught
+    plain = benchmark._layers(case, torch.device("cpu"), torch.float64)[0]
+    plain.load_state_dict(ours.state_dict())
+    ignoring = benchmark._step(plain, x, dy, "train-fwdbwd")
+    wrong = [results["ours"][0], *ignoring[1:4], *results["ours"][4:]]
     with pytest.raises(AssertionError, match="differs from torch eager"):
-        benchmark._validate(case, mode, {"ours": wrong, "torch": results["torch"]}, x, dy, ours)
+        benchmark._validate(case, mode, {"ours": wrong, "torch": results["torch"], **context}, x, dy, ours)
 
 
 def test_summary_speaks_to_each_target():

@@ -316,7 +316,7 @@ def _bench_one(case: Case, mode: str, device, dtype, repeats: int, with_compile:
     grad_ctx = torch.enable_grad if x.requires_grad else torch.no_grad
     with grad_ctx():
         results = {name: _step(layer, x, dy, mode, r) for name, layer in impls.items()}  # warm-up, compile
-        _validate(case, mode, results, x, dy, ours)
+        _validate(case, mode, {**results, "block": theirs, "residual": r}, x, dy, ours)
         for layer in impls.values():  # a second warm-up: compiled backward, caches
             _step(layer, x, dy, mode, r)
         times: dict[str, list[float]] = {name: [] for name in impls}
@@ -341,22 +341,19 @@ def _validate(case: Case, mode: str, results, x, dy, ours) -> None:
     from batchnorm import reference
 
     names = ["y", "dx", "dweight", "dbias", "dresidual"]
-    # After ReLU, an element whose pre-activation is within rounding of 0 may fall on the other side
-    # of the kink in one implementation ("flips": y > 0 in one, y == 0 in the other). Each flip
-    # changes that element's gradient by dy, and the parameter gradients by at most |dy| * (1 +
-    # |xhat|) with |xhat| = |bias / weight| <= 1 at the kink: so much is allowed, no more.
-    flips = 0
+    expected = results["torch"]
     if mode in FUSED_MODES:
-        flips = int(((results["ours"][0] > 0) != (results["torch"][0] > 0)).sum())
-        if flips > 10 + x.numel() // 100_000:
-            raise AssertionError(f"{case.name} {mode}: the ReLU's sign differs from torch eager at {flips} elements")
-    for name, got, want in zip(names, results["ours"], results["torch"], strict=False):
+        # Where the pre-activation is within rounding of 0, the two implementations may take the
+        # ReLU's kink on different sides, and with few values per channel one such element moves
+        # every gradient of its channel. So the gradients are checked against torch's batch norm
+        # (eager) differentiated with ReLU's derivative taken where our forward let z through; the
+        # outputs, against torch's, agree anyway (at the kink both are within rounding of 0).
+        expected = _torch_with_our_relu_mask(results, x, dy, mode)
+    for name, got, want in zip(names, results["ours"], expected, strict=False):
         got, want = got.detach(), want.detach()
         scale = float(want.abs().max()) if want.numel() else 1.0
         tol = 1e-4 if x.dtype == torch.float32 else 1e-9
-        slack = 2.0 * flips * float(dy.abs().max()) if got.dim() < 2 else 0.0
-        close = torch.isclose(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, scale) + slack)
-        if int((~close).sum()) > (flips if got.dim() >= 2 else 0):
+        if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, scale)):
             err = float((got - want).abs().max())
             raise AssertionError(f"{case.name} {mode}: {name} differs from torch eager by {err:.3e}")
         if name in ("y", "dx", "dresidual") and got.stride() != want.stride():
@@ -382,6 +379,25 @@ def _validate(case: Case, mode: str, results, x, dy, ours) -> None:
         tol = (1e-4 if x.dtype == torch.float32 else 1e-9) * max(1.0, float(np.abs(want).max()))
         if err > tol:
             raise AssertionError(f"{case.name} {mode}: {name} differs from the reference by {err:.3e}")
+
+
+def _torch_with_our_relu_mask(results, x, dy, mode):
+    """(y, dx, dweight, dbias[, dresidual]) of torch's eager block, with the ReLU's derivative
+    taken from our output's sign (``results["ours"][0] > 0``) instead of torch's own."""
+    import copy
+
+    import torch
+
+    bn = copy.deepcopy(results["block"].bn)  # torch's BN, its parameters as they were
+    xx = x.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        z = bn(xx)
+        rr = None
+        if mode == "fused-add-relu":
+            rr = results["residual"].detach().clone().requires_grad_()
+            z = z + rr
+        z.backward(dy * (results["ours"][0] > 0))
+    return torch.relu(z.detach()), xx.grad, bn.weight.grad, bn.bias.grad, *(() if rr is None else (rr.grad,))
 
 
 def _fmt(v: float | None, spec: str) -> str:
