@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _memory_efficient, activations, kernels
+from . import _cpu_update, _memory_efficient, activations, kernels
 from ._checks import ShapeError, check_input
 from ._layout import as_ncl, output_memory_format, per_channel, prepare, reduce_dims, restore
 from .activations import Activation
@@ -478,6 +478,7 @@ def _small_on_cpu(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
+_EMPTY = np.empty(0)
 
 
 def _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
@@ -489,20 +490,26 @@ def _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_ba
         _update_on_cpu_torch(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                              skip_nonfinite, nonfinite_count)  # fmt: skip
         return
-    mean_np, var_np = mean.detach().numpy(), var.detach().numpy()
-    if skip_nonfinite and not (np.isfinite(mean_np).all() and np.isfinite(var_np).all()):
+    if momentum is not None:
+        factor = momentum
+    elif num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+    else:  # the cumulative average's weight, counting this batch
+        factor = 1.0 / max(int(num_batches_tracked) + 1, 1)
+    # torch's formula: running = (1 - f) * running + f * batch, the variance unbiased
+    var_factor = factor * count / (count - 1) if count > 1 else factor
+    rm = _EMPTY if running_mean is None else running_mean.detach().numpy()
+    rv = _EMPTY if running_var is None else running_var.detach().numpy()
+    if not _cpu_update.running_update(rm, rv, mean.detach().numpy(), var.detach().numpy(), factor, var_factor,
+                                      skip_nonfinite):  # fmt: skip
         if nonfinite_count is not None:
             _add_one(nonfinite_count)
         return
-    factor = _count_batch(num_batches_tracked, momentum)
-    # torch's formula: running = (1 - f) * running + f * batch, the variance unbiased
-    var_factor = factor * count / (count - 1) if count > 1 else factor
-    for running, batch, scale in ((running_mean, mean_np, factor), (running_var, var_np, var_factor)):
+    for running in (running_mean, running_var):
         if running is not None:
-            array = running.detach().numpy()
-            array *= 1 - factor
-            array += scale * batch
             torch.autograd.graph.increment_version(running)  # written behind torch's back: say so
+    if num_batches_tracked is not None:
+        _add_one(num_batches_tracked)
 
 
 def _count_batch(num_batches_tracked: Tensor | None, momentum: float | None) -> float:
