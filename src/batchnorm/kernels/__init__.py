@@ -11,17 +11,22 @@ the same view with strides ``(L*C, 1, C)``) and offers four stages:
   ``sum(dy)`` and ``sum(dy * (x - mean))``;
 * ``backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu) -> dx``.
 
-and two fused paths built from them unless a backend overrides them for speed:
+and fused paths built from them unless a backend overrides them for speed:
 ``forward_train(x, weight, bias, eps) -> (y, mean, var)`` and
-``backward_train(dy, x, mean, invstd, weight) -> (dx, sum_dy, sum_dy_xmu)``.
+``backward_train(dy, x, mean, invstd, weight) -> (dx, sum_dy, sum_dy_xmu)``;
+with an activation, ``forward_train_act``/``backward_train_act`` (the backward
+recomputes ``z`` from x); with a residual added before it,
+``forward_train_residual``/``backward_train_residual``, which keep the sign of
+``z`` as the bit mask of ``sign_mask`` (one format for every backend).
 Outputs keep x's strides when x is contiguous or channels-last. Kernels know
 nothing of autograd or running statistics; those live in ``functional``.
 
 Choosing: ``BATCHNORM_BACKEND=name`` or ``with batchnorm.backend("name"):``
 forces one (a backend that cannot take a tensor falls back to ``torch``);
 otherwise the first available backend in ``AUTOMATIC_ORDER`` that supports the
-tensor's device and dtype and ``prefers`` its shape (measured: where torch's own
-kernels are faster, a backend declines), and ``torch`` for everything else.
+tensor's device and dtype and ``prefers`` its shape, plain or fused (measured:
+where torch's own kernels are faster, a backend declines), and ``torch`` for
+everything else.
 """
 
 from __future__ import annotations
