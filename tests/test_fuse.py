@@ -19,19 +19,10 @@ def _fused_layers(model):
     return {name: m.activation for name, m in model.named_modules() if isinstance(m, batchnorm.BatchNorm2d)}
 
 
-def test_resnet_blocks_fuse_and_train_like_the_original():
-    original = TinyResNet()
-    fused = batchnorm.fuse(copy.deepcopy(original))
-    acts = _fused_layers(fused)
-    relu = Activation("relu")
-    # stem BN+ReLU, bn1 of every block, bn2 of the bottleneck, and every block's last BN + add + ReLU
-    assert acts["stem.1"] == relu
-    assert all(acts[f"layers.{i}.bn1"] == relu for i in range(4))
-    assert all(acts[f"layers.{i}.bn2"] == relu for i in range(3)) and acts["layers.3.bn3"] == relu
-    # the downsample BN is the add's other operand, not followed by an activation: left as it was
-    assert type(fused.get_submodule("layers.1.downsample.1")) is nn.BatchNorm2d
+def _train_side_by_side(original, fused, steps=3):
+    """SGD steps on both models from the same batches: equal losses, then equal parameters."""
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (original, fused)]
-    for step in range(3):
+    for step in range(steps):
         x, target = torch.randn(4, 3, 10, 10), torch.randint(0, 5, (4,))
         losses = []
         for model, optimizer in zip((original, fused), optimizers, strict=True):
@@ -43,6 +34,20 @@ def test_resnet_blocks_fuse_and_train_like_the_original():
         assert_close(losses[1], losses[0], 1e-5, 1e-5, f"step {step} loss")
     for (name, p_ref), p_fused in zip(original.named_parameters(), fused.parameters(), strict=True):
         assert_close(p_fused, p_ref, 1e-5, 1e-4, name)
+
+
+def test_resnet_blocks_fuse_and_train_like_the_original():
+    original = TinyResNet()
+    fused = batchnorm.fuse(copy.deepcopy(original))
+    acts = _fused_layers(fused)
+    relu = Activation("relu")
+    # stem BN+ReLU, bn1 of every block, bn2 of the bottleneck, and every block's last BN + add + ReLU
+    assert acts["stem.1"] == relu
+    assert all(acts[f"layers.{i}.bn1"] == relu for i in range(4))
+    assert all(acts[f"layers.{i}.bn2"] == relu for i in range(3)) and acts["layers.3.bn3"] == relu
+    # the downsample BN is the add's other operand, not followed by an activation: left as it was
+    assert type(fused.get_submodule("layers.1.downsample.1")) is nn.BatchNorm2d
+    _train_side_by_side(original, fused)
     original.eval(), fused.eval()
     x = torch.randn(2, 3, 10, 10)
     assert_close(fused(x), original(x), 1e-5, 1e-5, "eval")
@@ -62,19 +67,7 @@ def test_memory_efficient_fuse_frees_the_inputs_of_invertible_blocks_and_trains_
     kept = {name: saved_bytes(lambda m=m: nn.functional.cross_entropy(m(x), target)) for name, m in
             (("original", original), ("plain", plain), ("saving", saving))}  # fmt: skip
     assert kept["saving"] < 0.85 * kept["plain"] <= 0.85 * kept["original"], kept
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (original, saving)]
-    for step in range(3):
-        x, target = torch.randn(4, 3, 10, 10), torch.randint(0, 5, (4,))
-        losses = []
-        for model, optimizer in zip((original, saving), optimizers, strict=True):
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), target)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-        assert_close(losses[1], losses[0], 1e-5, 1e-5, f"step {step} loss")
-    for (name, p_ref), p_fused in zip(original.named_parameters(), saving.parameters(), strict=True):
-        assert_close(p_fused, p_ref, 1e-5, 1e-4, name)
+    _train_side_by_side(original, saving)
 
 
 def test_fuse_keeps_tensors_and_state_dict_keys():

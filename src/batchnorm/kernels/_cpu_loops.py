@@ -312,6 +312,34 @@ def _finish_grad(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c):
 
 
 @_helper
+def _ncl_block_stats(x, c0, c1, zero, ex, one, w, b, coef, mean_out, var_out):
+    """Statistics of channels c0..c1 of x[N, C, L], summed image by image (runs of
+    ``(c1 - c0) * L`` values in a row), finished into ``coef``, ``mean_out``, ``var_out``."""
+    N, _, L = x.shape
+    acc = np.zeros((c1 - c0, 2))  # block of C: shifted sums
+    for i in range(N):
+        for c in range(c0, c1):
+            s1, s2 = _run_sums(x[i, c], x[0, c, 0], zero)
+            acc[c - c0, 0] += s1
+            acc[c - c0, 1] += s2
+    for c in range(c0, c1):
+        _finish_stats(
+            acc[c - c0, 0], acc[c - c0, 1], N * L, np.float64(x[0, c, 0]), ex, one, w, b, coef, mean_out, var_out, c
+        )
+
+
+@_helper
+def _merged(part, c, splits):
+    """Channel c's two sums, added over its ``splits`` parts (``part[c * splits + s]``)."""
+    s1 = 0.0
+    s2 = 0.0
+    for s in range(splits):
+        s1 += part[c * splits + s, 0]
+        s2 += part[c * splits + s, 1]
+    return s1, s2
+
+
+@_helper
 def _rows(s, splits, R):
     return s * R // splits, (s + 1) * R // splits
 
@@ -421,16 +449,7 @@ def ncl_forward(x, w, b, eps, splits, block, write_y, y, mean_out, var_out, act,
         for blk in prange((C + block - 1) // block):
             c0 = blk * block
             c1 = min(C, c0 + block)
-            acc = np.zeros((c1 - c0, 2))  # block of C: shifted sums
-            for i in range(N):
-                for c in range(c0, c1):
-                    s1, s2 = _run_sums(x[i, c], x[0, c, 0], zero)
-                    acc[c - c0, 0] += s1
-                    acc[c - c0, 1] += s2
-            for c in range(c0, c1):
-                _finish_stats(
-                    acc[c - c0, 0], acc[c - c0, 1], n, np.float64(x[0, c, 0]), ex, one, w, b, coef, mean_out, var_out, c
-                )
+            _ncl_block_stats(x, c0, c1, zero, ex, one, w, b, coef, mean_out, var_out)
             if write_y:
                 for i in range(N):
                     for c in range(c0, c1):
@@ -442,11 +461,7 @@ def ncl_forward(x, w, b, eps, splits, block, write_y, y, mean_out, var_out, act,
             s = item % splits
             part[item, 0], part[item, 1] = _ncl_sums(x, c, s * n // splits, (s + 1) * n // splits, x[0, c, 0], zero)
         for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            for s in range(splits):
-                s1 += part[c * splits + s, 0]
-                s2 += part[c * splits + s, 1]
+            s1, s2 = _merged(part, c, splits)
             _finish_stats(s1, s2, n, np.float64(x[0, c, 0]), ex, one, w, b, coef, mean_out, var_out, c)
         if write_y:
             for item in prange(C * splits):
@@ -501,11 +516,7 @@ def ncl_backward(dy, x, mean, invstd, w, splits, block, mode, dx, sum_dy, sum_dy
                 dy, x, c, j0, j1, mean[c], zc[c, 0], zc[c, 1], act, al, zero, one
             )
         for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            for s in range(splits):
-                s1 += part[c * splits + s, 0]
-                s2 += part[c * splits + s, 1]
+            s1, s2 = _merged(part, c, splits)
             _finish_grad(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
     if mode != 0:
         if splits == 1:  # mode 2: image by image over blocks of channels

@@ -33,12 +33,14 @@ from ._cpu_loops import (
     _act,
     _compile,
     _consts,
+    _finish_grad,
     _finish_stats,
     _helper,
     _in_dtype,
+    _merged,
+    _ncl_block_stats,
     _ncl_sums,
     _rows,
-    _run_sums,
 )
 
 _GATHER = np.uint64(0x0102040810204080)
@@ -184,16 +186,7 @@ def ncl_forward_res(x, r, w, b, eps, splits, block, y, mk, mean_out, var_out, ac
             c1 = min(C, c0 + block)
             f64 = np.empty(words, dtype=np.uint64)  # scratch flags of one row
             f8 = f64.view(np.uint8)
-            acc = np.zeros((c1 - c0, 2))  # block of C: shifted sums
-            for i in range(N):
-                for c in range(c0, c1):
-                    s1, s2 = _run_sums(x[i, c], x[0, c, 0], zero)
-                    acc[c - c0, 0] += s1
-                    acc[c - c0, 1] += s2
-            for c in range(c0, c1):
-                _finish_stats(
-                    acc[c - c0, 0], acc[c - c0, 1], n, np.float64(x[0, c, 0]), ex, one, w, b, coef, mean_out, var_out, c
-                )
+            _ncl_block_stats(x, c0, c1, zero, ex, one, w, b, coef, mean_out, var_out)
             for i in range(N):
                 for c in range(c0, c1):
                     _run_normalize_res(
@@ -206,11 +199,7 @@ def ncl_forward_res(x, r, w, b, eps, splits, block, y, mk, mean_out, var_out, ac
         s = item % splits
         part[item, 0], part[item, 1] = _ncl_sums(x, c, s * n // splits, (s + 1) * n // splits, x[0, c, 0], zero)
     for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for s in range(splits):
-            s1 += part[c * splits + s, 0]
-            s2 += part[c * splits + s, 1]
+        s1, s2 = _merged(part, c, splits)
         _finish_stats(s1, s2, n, np.float64(x[0, c, 0]), ex, one, w, b, coef, mean_out, var_out, c)
     for item in prange(C * splits):
         c = item // splits
@@ -243,7 +232,7 @@ def ncl_backward_res(dy, x, mk, mean, invstd, w, splits, block, dx, dr, sum_dy, 
                     acc[c - c0, 0] += s1
                     acc[c - c0, 1] += s2
             for c in range(c0, c1):
-                _finish_grad_res(acc[c - c0, 0], acc[c - c0, 1], n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
+                _finish_grad(acc[c - c0, 0], acc[c - c0, 1], n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
             for i in range(N):
                 for c in range(c0, c1):
                     _run_masked_grad_input(dy, x, mk, dx, dr, i, c, 0, L, coef, al, one, f64, f8)
@@ -258,12 +247,8 @@ def ncl_backward_res(dy, x, mk, mean, invstd, w, splits, block, dx, dr, sum_dy, 
         j1 = _cut(s + 1, splits, n, L)
         part[item, 0], part[item, 1] = _ncl_masked_sums(dy, x, mk, c, j0, j1, mean[c], al, zero, one, f64, f8)
     for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for s in range(splits):
-            s1 += part[c * splits + s, 0]
-            s2 += part[c * splits + s, 1]
-        _finish_grad_res(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
+        s1, s2 = _merged(part, c, splits)
+        _finish_grad(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c)
     for item in prange(C * splits):
         c = item // splits
         s = item % splits
@@ -272,19 +257,6 @@ def ncl_backward_res(dy, x, mk, mean, invstd, w, splits, block, dx, dr, sum_dy, 
         j0 = _cut(s, splits, n, L)
         j1 = _cut(s + 1, splits, n, L)
         _ncl_masked_grad_input(dy, x, mk, dx, dr, c, j0, j1, coef, al, one, f64, f8)
-
-
-@_helper
-def _finish_grad_res(s1, s2, n, mean, invstd, w, coef, sum_dy, sum_dy_xmu, c):
-    """As ``_cpu_loops._finish_grad``: ``dx = dz * k + (x - mean) * a + b``."""
-    sum_dy[c] = s1
-    sum_dy_xmu[c] = s2
-    istd = np.float64(invstd[c])
-    k = np.float64(w[c]) * istd
-    coef[c, 0] = k
-    coef[c, 1] = mean[c]
-    coef[c, 2] = -k * istd * istd * s2 / n
-    coef[c, 3] = -k * s1 / n
 
 
 # --- nlc (rows of C) ---
