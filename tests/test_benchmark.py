@@ -53,6 +53,21 @@ def test_run_writes_markdown_and_csv(tmp_path, capsys):
     assert "| peak of live tensors |" in table and "| kept for the backward |" in table
 
 
+def test_out_keeps_files_the_bench_did_not_write(tmp_path, capsys):
+    (tmp_path / "results.md").write_text("my own notes")
+    args = parse("--quick", "--no-compile", "--cases", "small-32x64", "--modes", "eval", "--repeats", "1",
+                 "--out", str(tmp_path))  # fmt: skip
+    with pytest.raises(ValueError, match=r"results\.md was not written by an earlier batchnorm bench run"):
+        benchmark.run(args)
+    assert (tmp_path / "results.md").read_text() == "my own notes" and not (tmp_path / "results.csv").exists()
+    (tmp_path / "results.md").rename(tmp_path / "notes.md")
+    assert benchmark.run(args) == 0
+    assert benchmark.run(args) == 0  # the second run replaces the first's files
+    assert (tmp_path / "notes.md").read_text() == "my own notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "batchnorm-bench-manifest.json", "notes.md", "results.csv", "results.md"]  # fmt: skip
+
+
 def test_validation_rejects_a_wrong_result():
     case = benchmark.Case("t", "small", (4, 3, 5))
     x, dy = benchmark._inputs(case, torch.device("cpu"), torch.float32)

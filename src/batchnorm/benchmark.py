@@ -99,7 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 7, quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=None, help="directory for results.md and results.csv")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="folder for results.md and results.csv (files of an earlier bench run there are "
+                        "replaced, nothing else is touched)")  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="leave out the fused layers' memory report")
 
 
@@ -143,6 +145,12 @@ def run(args: argparse.Namespace) -> int:
     cases = _select_cases(args)
     if not cases:
         raise ValueError(f"no case matches --cases {args.cases!r}")
+    folder = None
+    if args.out:  # files of an earlier bench run there are replaced, nothing else
+        from .run_folder import RunFolder
+
+        folder = RunFolder(args.out, "bench")
+        folder.check(["results.md", "results.csv"])
 
     copy_gbps, fresh_gbps = _copy_bandwidth(device, quick=args.quick)
     import batchnorm
@@ -169,13 +177,16 @@ def run(args: argparse.Namespace) -> int:
         memory = ["", *memory_report(quick=args.quick)]
     table = "\n".join([header, "", _markdown_header(), *map(_markdown_row, rows), "", *summary, *memory])
     print("", *summary, f"({time.perf_counter() - started:.0f} s)", *memory, sep="\n")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(table + "\n")
-        with open(os.path.join(args.out, "results.csv"), "w") as f:
-            f.write(_csv(rows))
-        print(f"wrote {args.out}/results.md and results.csv")
+    if folder is not None:
+        staged = folder.stage()
+        try:
+            (staged / "results.md").write_text(table + "\n")
+            (staged / "results.csv").write_text(_csv(rows))
+            folder.publish()
+        except BaseException:
+            folder.discard()
+            raise
+        print(f"wrote {folder.out / 'results.md'} and results.csv")
     return 0
 
 

@@ -43,7 +43,7 @@ def tiny_run(tmp_path_factory):
 def test_run_folder_is_complete(tiny_run, capsys):
     names = {p.name for p in tiny_run.iterdir()}
     figures = {f"{part}_{kind}.png" for part in ("mlp", "cnn") for kind in ("curves", "percentiles", "drift", "ics")}
-    assert names == figures | {"lr_sweep.png", "results.json", "report.html"}
+    assert names == figures | {"lr_sweep.png", "results.json", "report.html", "batchnorm-demo-manifest.json"}
     assert all((tiny_run / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
     results = json.loads((tiny_run / "results.json").read_text())  # strict JSON: no NaN
     assert results["config"]["mlp_steps"] == 40 and results["config"]["seed"] == 3
@@ -57,7 +57,7 @@ def test_run_folder_is_complete(tiny_run, capsys):
     assert list(ics) == ["layer1", "layer2", "layer3", "layer4"] and ics["layer1"]["diff_norm"][0] == 0.0
     page = (tiny_run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 9 and "What this run shows" in page
-    assert not list(tiny_run.parent.glob(".run-*"))  # no temporary folder left behind
+    assert not list(tiny_run.glob(".*"))  # no staging folder left behind
     assert tiny_run.stat().st_mode & 0o055 == 0o055 & ~_umask()  # an ordinary folder, not a private temp one
 
 
@@ -71,14 +71,59 @@ def test_same_seed_same_numbers(tiny_run, tmp_path, capsys):
     assert "MLP steps to 90%" in printed and "report:" in printed
 
 
-def test_rerun_replaces_an_earlier_run(tmp_path, capsys):
+def test_rerun_replaces_only_what_the_demo_wrote(tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "results.json").write_text("{}")
-    (out / "stale.png").write_text("old")
-    args = ["demo", *TINY, "--skip", "cnn,sweep", "--out", str(out)]
-    assert cli.main(args) == 0
-    assert not (out / "stale.png").exists() and "sweep" not in json.loads((out / "results.json").read_text())
+    assert cli.main(["demo", *TINY, "--out", str(out)]) == 0
+    manifest = json.loads((out / "batchnorm-demo-manifest.json").read_text())
+    assert "cnn_curves.png" in manifest["files"] and "results.json" in manifest["files"]
+    (out / "notes.txt").write_text("my notes on the first run")
+    (out / "extra").mkdir()
+    (out / "extra" / "train.py").write_text("print('mine')")
+    # the same folder again, with fewer parts: the demo's own files are replaced or removed, the rest kept
+    assert cli.main(["demo", *TINY, "--skip", "cnn,sweep", "--out", str(out)]) == 0
+    assert (out / "notes.txt").read_text() == "my notes on the first run"
+    assert (out / "extra" / "train.py").read_text() == "print('mine')"
+    assert not (out / "cnn_curves.png").exists() and not (out / "lr_sweep.png").exists()
+    assert "sweep" not in json.loads((out / "results.json").read_text())
+    names = {p.name for p in out.iterdir()}
+    assert names == {"notes.txt", "extra", "batchnorm-demo-manifest.json", "results.json", "report.html",
+                     *(f"mlp_{k}.png" for k in ("curves", "percentiles", "drift", "ics"))}  # fmt: skip
+
+
+def test_a_file_edited_after_the_run_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["demo", *TINY, "--skip", "cnn,sweep", "--out", str(out)]) == 0
+    capsys.readouterr()
+    edited = (out / "report.html").read_text() + "<!-- my annotations -->"
+    (out / "report.html").write_text(edited)
+    assert cli.main(["demo", *TINY, "--skip", "cnn,sweep", "--out", str(out)]) == 1
+    assert "report.html was changed since an earlier batchnorm demo run" in one_error_line(capsys)
+    assert (out / "report.html").read_text() == edited
+
+
+def test_a_folder_with_foreign_files_is_shared_not_cleared(tmp_path, capsys):
+    out = tmp_path / "project"
+    (out / "src").mkdir(parents=True)
+    (out / "src" / "train.py").write_text("print('mine')")
+    (out / "data.csv").write_text("a,b\n1,2\n")
+    assert cli.main(["demo", *TINY, "--skip", "cnn,sweep", "--out", str(out)]) == 0
+    assert (out / "src" / "train.py").read_text() == "print('mine')" and (out / "data.csv").read_text() == "a,b\n1,2\n"
+    assert (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize("taken", ["results.json", "report.html", "mlp_curves.png", "batchnorm-demo-manifest.json"])
+def test_a_name_taken_by_a_foreign_file_stops_the_run_before_training(tmp_path, capsys, taken):
+    out = tmp_path / "project"
+    (out / "src").mkdir(parents=True)
+    (out / "src" / "train.py").write_text("print('mine')")
+    (out / "data.csv").write_text("a,b")
+    (out / taken).write_text("{}")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli.main(["demo", *TINY, "--out", str(out)]) == 1
+    line = one_error_line(capsys)
+    assert taken in line and "choose another --out" in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(["src", "data.csv", taken])
 
 
 def one_error_line(capsys) -> str:
@@ -133,12 +178,6 @@ def test_unwritable_or_foreign_output(tmp_path, capsys):
     assert "cannot write output folder" in one_error_line(capsys)
     assert cli.main(["demo", *TINY, "--out", str(blocker)]) == 1
     assert "is not a folder" in one_error_line(capsys)
-    foreign = tmp_path / "mine"
-    foreign.mkdir()
-    (foreign / "thesis.tex").write_text("keep me")
-    assert cli.main(["demo", *TINY, "--out", str(foreign)]) == 1
-    assert "not empty" in one_error_line(capsys)
-    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
 
 
 def test_command_line_error_has_no_traceback(tmp_path):

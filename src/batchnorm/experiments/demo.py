@@ -3,19 +3,17 @@
 This module only parses options and writes the run folder; it imports torch,
 matplotlib and the experiment when the command runs, so that building the CLI
 parser stays fast. Every option is checked, and the output folder proven
-writable, before any training starts; the run is written to a temporary folder
-that replaces ``--out`` only once it is complete.
+writable, before any training starts. The run is staged and moved into
+``--out`` only once complete, replacing only files an earlier demo run wrote
+(``batchnorm.run_folder``): nothing else in the folder is touched.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 __all__ = ["add_arguments", "run"]
@@ -30,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="digits", metavar="SPEC",
                         help="digits (embedded, default), mnist:DIR, fashion-mnist:DIR or cifar10:DIR")  # fmt: skip
     parser.add_argument("--out", default="batchnorm-demo", metavar="DIR",
-                        help="run folder (an earlier demo run there is replaced; default: %(default)s)")  # fmt: skip
+                        help="run folder; files of an earlier demo run there are replaced, nothing else is "
+                        "touched (default: %(default)s)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a short run (seconds): fewer steps, rates and seeds")
     parser.add_argument("--steps", type=int, metavar="N", help="MLP training steps per arm")
@@ -72,44 +71,21 @@ def _config(args: argparse.Namespace) -> Any:
     return cfg
 
 
-def _prepare_output(out: Path) -> Path:
-    """Check ``out`` may be (re)written and make a temporary sibling folder to write into."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output path {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "results.json").is_file():
-        raise ValueError(f"output folder {out} is not empty and holds no earlier demo run; choose another --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the run folder is an ordinary one
-        return tmp
-    except OSError as error:
-        raise ValueError(f"cannot write output folder {out}: {error.strerror or error}") from None
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Put the finished run in place of ``out`` (an earlier run there is removed)."""
-    old = None
-    if out.exists():
-        old = out.with_name(f"{tmp.name}-old")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.backend is not None:
         from batchnorm.kernels import get
 
         get(args.backend)  # unknown or unavailable: fail now
-    out = Path(args.out).expanduser()
-    started = time.perf_counter()
+    from batchnorm.run_folder import RunFolder
 
-    tmp = _prepare_output(out)
+    from . import report
+
+    folder = RunFolder(args.out, "demo")
+    out = folder.out
+    started = time.perf_counter()
+    folder.check(report.file_names())
+    tmp = folder.stage()
     try:
         import torch
 
@@ -119,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
 
         data = datasets.load(args.data)  # missing / corrupt files fail here, before any training
 
-        from . import report
         from .experiment import run_experiment
 
         threads = args.threads or (1 if data.name == "digits" else None)
@@ -133,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
         results["figures"] = figures
         report.write_json(results, tmp / "results.json")
         report.write_html(results, figures, tmp)
-        _publish(tmp, out)
+        folder.publish()
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        folder.discard()
         raise
     for line in report.summary_table(results):
         print(line)

@@ -38,6 +38,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def file_names() -> list[str]:
+    """Every file name the demo may write into its run folder."""
+    return [*_CAPTIONS, "results.json", "report.html"]
+
+
 def write_json(results: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(_clean(results), indent=1, allow_nan=False))
 
