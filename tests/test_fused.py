@@ -11,6 +11,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import batchnorm
 from batchnorm import activations
 from batchnorm import functional as F
+from batchnorm._route import SMALL_NUMEL
 from batchnorm.memory import saved_bytes
 from tests.helpers import assert_close, backends_fixture
 
@@ -130,8 +131,6 @@ def test_memory_efficient_equals_standard(act, inplace):
 def test_memory_efficient_refuses_what_it_cannot_invert():
     with pytest.raises(ValueError, match=r"needs an invertible activation.*got relu"):
         batchnorm.BatchNorm2d(3, activation="relu", memory_efficient=True)
-    with pytest.raises(ValueError, match="only memory_efficient=True allows"):
-        batchnorm.BatchNorm2d(3, inplace=True)
     layer = batchnorm.BatchNorm2d(3, activation="leaky_relu", memory_efficient=True)
     with pytest.raises(ValueError, match="cannot take a residual"):
         layer(torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2))
@@ -171,12 +170,12 @@ def test_fused_layer_keeps_a_plain_state_dict_and_says_what_it_fuses():
 # --- what is kept for the backward -------------------------------------------------------
 
 
-# above functional.SMALL_NUMEL, so the automatic choice runs our kernels, not torch's
+# above the small-input threshold, so the automatic choice runs our kernels, not torch's
 KEPT_SHAPE = (8, 16, 48, 48)
 
 
 def test_bn_relu_keeps_at_most_55_percent_of_torchs():
-    assert torch.Size(KEPT_SHAPE).numel() > F.SMALL_NUMEL
+    assert torch.Size(KEPT_SHAPE).numel() > SMALL_NUMEL
     x = torch.randn(KEPT_SHAPE, requires_grad=True)
     ours, theirs = batchnorm.BatchNorm2d(16, activation="relu"), nn.BatchNorm2d(16)
     ours_bytes = saved_bytes(lambda: ours(x))
@@ -220,3 +219,29 @@ def test_fused_layer_compiles_fullgraph():
     y2.sum().backward()
     assert_close(y2, y, 1e-6, 1e-6, "output")
     assert_close(x2.grad, x.grad, 1e-5, 1e-5, "input grad")
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (8, 16, 48, 48)], ids=["small", "large"])
+def test_inplace_overwrites_the_input_where_autograd_does_not_need_it(shape):
+    """``inplace=True`` means "may overwrite the input", as for torch's activations: eval and
+    no-grad calls write over it; training with autograd (without the memory-saving mode) cannot,
+    since the backward needs the input, and computes out of place."""
+    layer = batchnorm.BatchNorm2d(shape[1], activation="relu", inplace=True)
+    reference = nn.BatchNorm2d(shape[1])
+    layer.train()(torch.randn(shape))  # some running statistics
+    reference.load_state_dict(layer.state_dict())
+    layer.eval(), reference.eval()
+    x = torch.randn(shape)
+    expected = torch.relu(reference(x))
+    with torch.no_grad():
+        y = layer(x)
+    assert y.data_ptr() == x.data_ptr()
+    assert_close(x, expected, 1e-5, 1e-5, "eval output, written over the input")
+    layer.train(), reference.train()
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.data_ptr() != x.data_ptr()
+    y.sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    torch.relu(reference(x2)).sum().backward()
+    assert_close(x.grad, x2.grad, 1e-4, 1e-4, "input grad, training out of place")

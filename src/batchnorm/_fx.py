@@ -2,13 +2,16 @@
 
 torch.fx treats ``torch.nn`` modules as leaves but traces into everything else,
 and our layers' forward (input checks, backend dispatch) cannot be traced
-symbolically; so ``fuse`` and ``fold`` trace with this tracer, which records
-every batch-norm-like layer of this package as one ``call_module`` node.
+symbolically. So our layers record themselves as one ``call_module`` node
+under any tracer (:func:`record_call`), as torch's do; and ``fuse`` and
+``fold`` trace with a tracer that also keeps every subclass of torch's batch
+norm whole (timm's, detectron2's), whose buffers a trace into them would drop.
 """
 
 from __future__ import annotations
 
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 # where this package's layers are defined (not its example networks: those are traced into)
 _LAYER_MODULES = ("batchnorm.modules", "batchnorm.sync", "batchnorm.fold")
@@ -16,7 +19,7 @@ _LAYER_MODULES = ("batchnorm.modules", "batchnorm.sync", "batchnorm.fold")
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m).__module__ in _LAYER_MODULES:
+        if type(m).__module__ in _LAYER_MODULES or isinstance(m, _BatchNorm):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -26,6 +29,15 @@ def trace(model: nn.Module) -> fx.GraphModule:
     graph = _Tracer().trace(model)
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
     return fx.GraphModule(model, graph, name)
+
+
+def record_call(module: nn.Module, input: fx.Proxy, residual: fx.Proxy | None = None) -> fx.Proxy:
+    """Under any symbolic tracer, record ``module`` as one ``call_module`` node, as tracers do
+    for torch's own layers: its forward (checks, backend dispatch) is not traced into, and the
+    traced model keeps the layer whole (its buffers and ``state_dict`` keys included)."""
+    tracer = input.tracer
+    args = (input,) if residual is None else (input, residual)
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
 def call_counts(traced: fx.GraphModule) -> dict[str, int]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _cpu_update, _memory_efficient, activations, kernels
+from . import _cpu_update, _memory_efficient, _route, _torch_ops, activations, kernels
 from ._checks import ShapeError, check_input
 from ._layout import as_ncl, output_memory_format, per_channel, prepare, reduce_dims, restore
 from .activations import Activation
@@ -363,16 +363,6 @@ def _activate(y: Tensor, residual: Tensor | None, act: Activation) -> Tensor:
     return activations.forward(y, act)
 
 
-def _activate_owned(y: Tensor, residual: Tensor | None, act: Activation) -> Tensor:
-    """:func:`_activate` on a fresh ``y`` from torch's batch-norm kernel: activations whose
-    backward needs only their output run in place, so autograd keeps one tensor, not two."""
-    if residual is not None:
-        y = y + residual
-    if act.name in ("relu", "leaky_relu", "elu"):
-        return activations.apply_(y, act)
-    return activations.forward(y, act)
-
-
 def inference_affine(
     running_mean: Tensor,
     running_var: Tensor,
@@ -416,65 +406,13 @@ def update_running_stats(
     where reading a value costs nothing, it is decided in Python, which saves
     most of the small operations.
     """
-    if mean.device.type == "cpu" and not torch.compiler.is_compiling():
+    if mean.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         # in NumPy, outside autograd (torch.no_grad() costs more than the update at small sizes)
         _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                        skip_nonfinite, nonfinite_count)  # fmt: skip
         return
-    with torch.no_grad():
-        _update_on_device(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
-                          skip_nonfinite, nonfinite_count)  # fmt: skip
-
-
-def _update_on_device(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
-                      skip_nonfinite, nonfinite_count) -> None:  # fmt: skip
-    """:func:`update_running_stats` with tensor ops only: no value read back to the host."""
-    unbiased = var * (count / (count - 1)) if count > 1 else var
-    pairs = [(r, b) for r, b in ((running_mean, mean), (running_var, unbiased)) if r is not None]
-    running = [r for r, _ in pairs]
-    dtype = running[0].dtype  # the checks ensure both buffers share it
-    batch = torch.stack([b for _, b in pairs]).to(dtype)  # 1 or 2, C
-    on: Tensor | None = None
-    if skip_nonfinite:
-        finite = batch.isfinite().all()  # 0-d bool, stays on the device
-        if nonfinite_count is not None:
-            nonfinite_count.add_(~finite)
-        # a skipped batch is zeroed and given weight 0 below, so NaN * 0 cannot leak in
-        batch = batch.nan_to_num(0.0, 0.0, 0.0)
-        on = finite.to(dtype)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1 if on is None else finite)
-    weight: float | Tensor
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        weight = num_batches_tracked.clamp(min=1).to(dtype).reciprocal()
-        weight = weight if on is None else weight * on
-    else:
-        weight = momentum if on is None else on * momentum
-    # running += weight * (batch - running), both buffers in one call
-    torch._foreach_lerp_(running, list(batch.unbind(0)), weight)
-
-
-# Up to this many elements a CPU float32/float64 call (not in the memory-saving mode)
-# goes to torch's own batch-norm kernel (with its C++ autograd), then torch's add and
-# activation when fused, unless a backend is forced. Measured on 2 cores (training
-# forward+backward, both layouts): at 256K elements that path took 0.65-0.8x the time of
-# our kernels behind our Python layer (which costs a few hundred microseconds a call);
-# at 1M elements 1.0-1.4x.
-SMALL_NUMEL = 1 << 18
-
-
-def _small_on_cpu(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    return (
-        not torch.compiler.is_compiling()
-        and x.numel() <= SMALL_NUMEL
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and (weight is None or weight.dtype == x.dtype)
-        and (bias is None or bias.dtype == x.dtype)
-        and kernels.forced_name() is None
-    )
+    _torch_ops.update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+                              skip_nonfinite, nonfinite_count)  # fmt: skip
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
@@ -601,48 +539,61 @@ def batch_norm(
         y = batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
             num_batches_tracked=num_batches_tracked, skip_nonfinite=skip_nonfinite,
-            nonfinite_count=nonfinite_count, memory_efficient=memory_efficient, inplace=inplace,
+            nonfinite_count=nonfinite_count, memory_efficient=memory_efficient,
         )  # fmt: skip
         return activations.forward(y + residual, act)
     if memory_efficient and training:
         _memory_efficient.check(act, weight, residual)
-    fusing = residual is not None or act.name != "identity"
-    if not memory_efficient and input.numel() > 0 and _small_on_cpu(input, weight, bias):
-        # torch's own kernel (and torch's add and activation after it, with torch's autograd):
-        # where our Python layer would cost more than the work, and the memory fusion saves is small
-        if not training:
-            y = torch.batch_norm(input, weight, bias, running_mean, running_var, False, 0.0, eps, False)
-            return _activate_owned(y, residual, act) if fusing else y
-        y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
-        if running_mean is not None or running_var is not None:
-            with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # a diverged batch: inf/NaN
-                var = torch.from_numpy(invstd.detach().numpy() ** -2 - eps)  # biased, from 1/sqrt(var + eps)
-            update_running_stats(
-                running_mean, running_var, mean.detach(), var, input.numel() // input.shape[1], momentum,
-                num_batches_tracked, skip_nonfinite, nonfinite_count,
-            )  # fmt: skip
-        return _activate_owned(y, residual, act) if fusing else y
-    if not training:
-        scale, shift = inference_affine(running_mean, running_var, weight, bias, eps)
-        y = (
-            input.clone(memory_format=output_memory_format(input))
-            if input.numel() == 0
-            else _affine(input, scale, shift)
-        )
-        return _activate(y, residual, act)
-    if input.numel() == 0:  # nothing to learn from; torch still counts the batch
-        if num_batches_tracked is not None and running_mean is not None:
-            num_batches_tracked.add_(1)
-        return _activate(input.clone(memory_format=output_memory_format(input)), residual, act)
-    if memory_efficient:
+    overwrite = inplace and not _needs_autograd(input, weight, bias, residual)
+    if (
+        input.numel() == 0
+        or _route.tool_needs_torch_ops()
+        or (not memory_efficient and _route.prefers_torch_kernel(input, weight, bias))
+    ):
+        # torch's own kernel, and torch's add and activation after it, with torch's autograd
+        in_transform = _route.in_functorch_transform()
+        if in_transform and training:
+            _check_vmap_with_running_stats(input, running_mean, running_var)
+        y = _torch_ops.batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+            skip_nonfinite and not in_transform,  # a transform cannot write its values into the buffers
+            nonfinite_count, act.name, act.param, residual,
+        )  # fmt: skip
+        return input.copy_(y) if overwrite else y
+    if memory_efficient and training:  # keeps only the output; with inplace, over the input
         y, mean, var = _memory_efficient.MemoryEfficientBatchNorm.apply(
             input, weight, bias, eps, act, inplace, _forward_train_impl
         )
-    else:
-        y, mean, var, _ = _forward_train(input, weight, bias, eps, residual, act)
+        _update_if_kept(running_mean, running_var, mean, var, input, momentum, num_batches_tracked,
+                        skip_nonfinite, nonfinite_count)  # fmt: skip
+        return y
+    if not training:
+        scale, shift = inference_affine(running_mean, running_var, weight, bias, eps)
+        y = _activate(_affine(input, scale, shift), residual, act)
+        return input.copy_(y) if overwrite else y
+    y, mean, var, _ = _forward_train(input, weight, bias, eps, residual, act)
+    _update_if_kept(running_mean, running_var, mean, var, input, momentum, num_batches_tracked,
+                    skip_nonfinite, nonfinite_count)  # fmt: skip
+    return input.copy_(y) if overwrite else y
+
+
+torch.fx.wrap("batch_norm")  # symbolic tracing records a call, rather than tracing into the checks
+
+
+def _update_if_kept(running_mean, running_var, mean, var, input, momentum, num_batches_tracked,
+                    skip_nonfinite, nonfinite_count) -> None:  # fmt: skip
     if running_mean is not None or running_var is not None:
         update_running_stats(
             running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum,
             num_batches_tracked, skip_nonfinite, nonfinite_count,
         )  # fmt: skip
-    return y
+
+
+def _check_vmap_with_running_stats(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> None:
+    if (running_mean is not None or running_var is not None) and torch._C._functorch.is_batchedtensor(input):
+        raise RuntimeError(
+            "batch norm in training mode updates its running statistics in place, which torch.func.vmap "
+            "cannot do for each sample: call torch.func.replace_all_batch_norm_modules_(model) first (it "
+            "stops tracking running statistics), build the layers with track_running_stats=False, or run "
+            "the model in eval mode"
+        )

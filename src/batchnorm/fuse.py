@@ -18,13 +18,15 @@ import torch
 from torch import fx, nn
 
 from . import activations
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ._fx import call_counts, trace
 from .activations import Activation
-from .convert import convert
+from .convert import _NORM_DROP_ACT, _fused_activation, _qualname, _target_of, convert, swap_layer
 
 __all__ = ["fuse"]
 
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# torch's layers and ours, exactly (a subclass may compute something else: timm's applies its own activation)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d)
 _ADDS = {operator.add, operator.iadd, torch.add}
 _FUNCTIONS = {
     torch.relu: "relu",
@@ -50,12 +52,27 @@ def fuse(model: nn.Module, memory_efficient: bool = False) -> nn.Module:
     keeps anyway, so their input is freed after the forward. Their weights must
     stay non-zero (the layer raises otherwise).
     """
+    _convert_norm_act_layers(model)
     try:
         traced = trace(model)
     except Exception:  # untraceable Python in forward: fall back to the module walk
         return _fuse_sequentials(model, memory_efficient)
+    if traced.state_dict().keys() != model.state_dict().keys():  # the trace would lose or rename state
+        return _fuse_sequentials(model, memory_efficient)
     _fuse_graph(traced, memory_efficient)
     return traced
+
+
+def _convert_norm_act_layers(module: nn.Module) -> None:
+    """Swap, in place, the layers that already are batch norm + activation (timm's
+    ``BatchNormAct2d``) for ours with the activation fused, where ``convert`` can keep them exactly."""
+    for name, child in module.named_children():
+        if _qualname(type(child)) in _NORM_DROP_ACT:
+            target, _ = _target_of(child, "batchnorm")
+            if target is not None:
+                setattr(module, name, swap_layer(child, target, _fused_activation(child)))
+        else:
+            _convert_norm_act_layers(child)
 
 
 # --- torch.fx ---------------------------------------------------------------------------
@@ -90,7 +107,7 @@ def _activation_of(node: fx.Node, modules: dict[str, nn.Module], source: fx.Node
 
 
 def _fusable_bn(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]) -> bool:
-    if node.op != "call_module" or not isinstance(modules[node.target], _BN_TYPES):
+    if node.op != "call_module" or type(modules[node.target]) not in _BN_TYPES:
         return False
     module = modules[node.target]
     if getattr(module, "activation", activations.IDENTITY) != activations.IDENTITY:
@@ -123,8 +140,19 @@ def _fuse_graph(traced: fx.GraphModule, memory_efficient: bool = False) -> None:
         last.replace_all_uses_with(fused)
         for dead in (last, user, node) if residual is not None else (last, node):
             traced.graph.erase_node(dead)
+    if memory_efficient:  # layers fused before (an earlier fuse, or built so) join the memory-saving mode
+        for node in traced.graph.nodes:
+            if node.op == "call_module" and calls.get(node.target) == 1 and len(node.args) == 1 and not node.kwargs:
+                _save_memory(modules[node.target])
     traced.graph.lint()
     traced.recompile()
+
+
+def _save_memory(module: nn.Module) -> None:
+    """Put one of our fused layers (an invertible activation, called without a residual) in the
+    memory-saving mode."""
+    if type(module) in (BatchNorm1d, BatchNorm2d, BatchNorm3d) and module.activation != activations.IDENTITY:
+        module.memory_efficient = module.memory_efficient or module.activation.invertible
 
 
 def _is_add_of(node: fx.Node, source: fx.Node) -> bool:
@@ -152,8 +180,11 @@ def _fuse_sequentials(module: nn.Module, memory_efficient: bool = False) -> nn.M
     if not isinstance(module, nn.Sequential):
         return module
     children = list(module.named_children())
+    if memory_efficient:
+        for _, child in children:
+            _save_memory(child)
     for (bn_name, bn), (act_name, act_module) in itertools.pairwise(children):
-        if not isinstance(bn, _BN_TYPES) or getattr(bn, "activation", activations.IDENTITY) != activations.IDENTITY:
+        if type(bn) not in _BN_TYPES or getattr(bn, "activation", activations.IDENTITY) != activations.IDENTITY:
             continue
         try:
             act = activations.parse(act_module)

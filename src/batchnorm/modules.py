@@ -11,9 +11,9 @@ and a memory-saving mode.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from . import activations
+from . import _fx, _torch_ops, activations
 from . import functional as F
 from .activations import Activation
 
@@ -57,7 +57,10 @@ class _BatchNorm:
         memory_efficient: in training keep only the output for the backward and
             recompute the rest from it (invertible activations only; every
             ``weight`` must be non-zero; no residual).
-        inplace: with ``memory_efficient``, write the output over the input.
+        inplace: as for torch's activations, the layer *may* write its output
+            over its input (and return the input): always where autograd does
+            not need the input (eval or no-grad calls, inference); in training
+            only with ``memory_efficient=True``, else it computes out of place.
     """
 
     def __init__(
@@ -84,8 +87,6 @@ class _BatchNorm:
                 "memory_efficient=True needs an invertible activation (identity, leaky_relu with a positive "
                 f"slope, elu with a positive alpha) to recover the input from the output; got {self.activation}"
             )
-        if inplace and not memory_efficient:
-            raise ValueError("inplace=True writes the output over the input, which only memory_efficient=True allows")
         self.memory_efficient = memory_efficient
         self.inplace = inplace
         counter = torch.zeros((), dtype=torch.long, device=device) if track_running_stats else None
@@ -101,31 +102,44 @@ class _BatchNorm:
         if self.activation != activations.IDENTITY:
             text += f", activation={self.activation}"
         if self.memory_efficient:
-            text += ", memory_efficient=True" + (", inplace=True" if self.inplace else "")
+            text += ", memory_efficient=True"
+        if self.inplace:
+            text += ", inplace=True"
         return text if self.skip_nonfinite else text + ", skip_nonfinite=False"
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's ops, our semantics
+            self._check_input_dim(input)
+            running_mean, running_var, counter, nonfinite, batch_stats = self._call_buffers()
+            return _torch_ops.batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, batch_stats, self.momentum, self.eps,
+                counter, self.skip_nonfinite, nonfinite, self.activation[0], self.activation[1], residual,
+            )  # fmt: skip
+        if isinstance(input, fx.Proxy):  # symbolic tracing: one call of this layer, as for torch's
+            return _fx.record_call(self, input, residual)
         self._check_input_dim(input)
-        update = self.training and self.track_running_stats
-        # buffers are passed when they are updated (train) or used (eval)
-        pass_buffers = not self.training or self.track_running_stats
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        running_mean, running_var, counter, nonfinite, batch_stats = self._call_buffers()
         return F.batch_norm(
-            input,
+            input, running_mean, running_var, self.weight, self.bias, batch_stats, self.momentum, self.eps,
+            num_batches_tracked=counter, skip_nonfinite=self.skip_nonfinite, nonfinite_count=nonfinite,
+            activation=self.activation, residual=residual, memory_efficient=self.memory_efficient,
+            inplace=self.inplace,
+        )  # fmt: skip
+
+    def _call_buffers(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool]:
+        """``(running_mean, running_var, num_batches_tracked, nonfinite_count, use_batch_stats)`` for
+        the functional call, as torch's layer decides them: the running buffers are passed where
+        they are updated (training) or used (eval), counted only where updated; batch statistics
+        in training, or in eval when there are no running buffers."""
+        update = self.training and self.track_running_stats
+        pass_buffers = not self.training or self.track_running_stats
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        return (
             self.running_mean if pass_buffers else None,
             self.running_var if pass_buffers else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            self.momentum,
-            self.eps,
-            num_batches_tracked=self.num_batches_tracked if update else None,
-            skip_nonfinite=self.skip_nonfinite,
-            nonfinite_count=self.num_nonfinite_batches if update else None,
-            activation=self.activation,
-            residual=residual,
-            memory_efficient=self.memory_efficient,
-            inplace=self.inplace,
+            self.num_batches_tracked if update else None,
+            self.num_nonfinite_batches if update else None,
+            batch_stats,
         )
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import fx, nn
 from torch.autograd.function import once_differentiable
 
-from . import activations, kernels, modules
+from . import _fx, _route, activations, kernels, modules
 from ._checks import ShapeError, check_input
 from ._layout import as_ncl, output_memory_format, prepare, restore
 from .functional import update_running_stats
@@ -305,7 +305,16 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "SyncBatchNorm cannot be compiled by torch.jit.script (nor can torch.nn.SyncBatchNorm): "
+            "TorchScript has no torch.distributed; for inference, swap it for a plain layer first with "
+            "batchnorm.SyncBatchNorm.revert_sync_batchnorm(model) or batchnorm.convert(model, to='torch')"
+        )
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if isinstance(input, fx.Proxy):  # symbolic tracing: one call of this layer
+            return _fx.record_call(self, input, residual)
         self._check_input_dim(input)
         if input.shape[1] == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
@@ -313,6 +322,12 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         world = sync_world_size(self.process_group) if self.training else 1
         if world == 1:
             return super().forward(input, residual)
+        if _route.tool_needs_torch_ops():
+            raise RuntimeError(
+                "SyncBatchNorm cannot synchronize its statistics under a tracer, torch.export, forward-mode AD "
+                "or a torch.func transform; run those on the model in eval mode, or after "
+                "batchnorm.SyncBatchNorm.revert_sync_batchnorm(model)"
+            )
         if input.shape[1] != self.num_features:
             raise ShapeError(f"SyncBatchNorm({self.num_features}) got an input with {input.shape[1]} channels")
         group = _default_group(self.process_group)

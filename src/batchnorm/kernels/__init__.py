@@ -49,7 +49,9 @@ _FACTORIES: dict[str, str] = {
     "numba": "batchnorm.kernels.cpu:NumbaBackend",
     "triton": "batchnorm.kernels.triton:TritonBackend",
 }
-AUTOMATIC_ORDER: list[str] = ["triton", "numba"]  # fast backends, tried before "torch"
+# fast backends, tried before "torch"; "triton" is opt-in (forced) until its kernels have
+# passed the GPU check on real hardware, so CUDA tensors get torch's own kernels by default
+AUTOMATIC_ORDER: list[str] = ["numba"]
 _INSTANCES: dict[str, Backend | None] = {}
 _LOAD_ERRORS: dict[str, str] = {}
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("batchnorm_backend", default=None)

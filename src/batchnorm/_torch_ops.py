@@ -1,0 +1,142 @@
+"""The layer in torch's own batch-norm ops: the path every tool that cannot see
+into our kernels takes.
+
+Tracers (``torch.jit.trace``, the TorchScript ONNX exporter), ``torch.export``,
+forward-mode AD, ``torch.func`` transforms and TorchScript all understand
+``aten::batch_norm`` and ``aten::native_batch_norm``; they cannot see through a
+kernel that writes through NumPy or an ``autograd.Function`` without a ``jvp``.
+So there, and where torch's kernel is simply the faster choice, the layer runs
+these functions: torch's kernel for the normalization and our semantics around
+it (a non-finite batch skipped, the fused residual add and activation).
+
+Everything here is TorchScript-compatible (``torch.jit.script`` compiles it as
+part of a layer's ``forward``) and records as plain torch ops under a tracer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def activate(y: Tensor, residual: Tensor | None, name: str, param: float, owned: bool) -> Tensor:
+    """``act(y + residual)``; ``owned``: ``y`` is a fresh tensor of ours, so activations whose
+    backward needs only their output run in place (autograd then keeps one tensor, not two)."""
+    if residual is not None:
+        y = y + residual
+        owned = True
+    if name == "relu":
+        return torch.relu_(y) if owned else torch.relu(y)
+    if name == "leaky_relu":
+        return torch.nn.functional.leaky_relu(y, param, inplace=owned)
+    if name == "elu":
+        return torch.nn.functional.elu(y, param, inplace=owned)
+    if name == "silu":
+        return torch.nn.functional.silu(y)
+    return y
+
+
+def update_running(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    skip_nonfinite: bool,
+    nonfinite_count: Tensor | None,
+) -> None:
+    """Fold a batch's ``mean`` and biased ``var`` into the running estimates, in place, with
+    tensor ops only (no value read back to the host); see ``functional.update_running_stats``."""
+    with torch.no_grad():
+        mean = mean.detach()
+        unbiased = var.detach() * (count / (count - 1)) if count > 1 else var.detach()
+        dtype = mean.dtype
+        if running_mean is not None:
+            dtype = running_mean.dtype
+        elif running_var is not None:
+            dtype = running_var.dtype
+        mean, unbiased = mean.to(dtype), unbiased.to(dtype)
+        on = torch.ones((), dtype=dtype, device=mean.device)
+        if skip_nonfinite:
+            finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()  # 0-d, stays on the device
+            if nonfinite_count is not None:
+                nonfinite_count.add_((~finite).to(nonfinite_count.dtype))
+            # a skipped batch gets weight 0 below; zeroed first so that NaN * 0 cannot leak in
+            mean, unbiased = mean.nan_to_num(0.0, 0.0, 0.0), unbiased.nan_to_num(0.0, 0.0, 0.0)
+            on = finite.to(dtype)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+        elif num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            if num_batches_tracked is None:
+                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+            weight = on / num_batches_tracked.clamp(min=1).to(dtype)
+        else:
+            weight = on * momentum
+        # running += weight * (batch - running)
+        if running_mean is not None:
+            running_mean.add_(weight * (mean - running_mean))
+        if running_var is not None:
+            running_var.add_(weight * (unbiased - running_var))
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    skip_nonfinite: bool,
+    nonfinite_count: Tensor | None,
+    act_name: str,
+    act_param: float,
+    residual: Tensor | None,
+) -> Tensor:
+    """``act(BN(input) + residual)`` with our semantics, normalized by torch's kernel.
+
+    Arguments as in ``functional.batch_norm``. In training with running buffers and
+    ``skip_nonfinite``, the statistics come from ``native_batch_norm`` and are folded
+    in by :func:`update_running` (a non-finite batch is skipped); otherwise torch's
+    kernel updates the buffers itself, exactly as ``torch.nn.BatchNorm*`` does.
+    """
+    cudnn = torch.backends.cudnn.enabled
+    keeps_stats = running_mean is not None or running_var is not None
+    if not training or not keeps_stats or input.numel() == 0:
+        if training and keeps_stats and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # an empty batch: nothing to learn, torch still counts it
+        y = torch.batch_norm(input, weight, bias, running_mean, running_var, training, 0.0, eps, cudnn)
+    elif not skip_nonfinite:
+        factor = 0.0 if momentum is None else momentum
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative average
+                factor = 1.0 / float(num_batches_tracked)
+        y = torch.batch_norm(input, weight, bias, running_mean, running_var, True, factor, eps, cudnn)
+    else:
+        y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+        var = invstd.detach().pow(-2) - eps  # the biased variance, back from 1 / sqrt(var + eps)
+        count = input.numel() // input.shape[1]
+        if torch.jit.is_scripting():
+            update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+                           skip_nonfinite, nonfinite_count)  # fmt: skip
+        else:
+            _update_eager(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+                          skip_nonfinite, nonfinite_count)  # fmt: skip
+    return activate(y, residual, act_name, act_param, True)
+
+
+@torch.jit.unused
+def _update_eager(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+                  skip_nonfinite, nonfinite_count) -> None:  # fmt: skip
+    from .functional import update_running_stats
+
+    update_running_stats(running_mean, running_var, mean.detach(), var, count, momentum, num_batches_tracked,
+                         skip_nonfinite, nonfinite_count)  # fmt: skip
