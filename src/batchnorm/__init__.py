@@ -8,7 +8,7 @@ to collapse them for inference. See
 ``batchnorm.reference`` for the equations.
 """
 
-from . import functional, reference
+from . import functional, quantization, reference
 from .convert import convert
 from .fold import fold, freeze
 from .fuse import fuse
@@ -18,6 +18,8 @@ from .sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "backend", "convert", "fold", "freeze",
-    "functional", "fuse", "reference",
+    "functional", "fuse", "quantization", "reference",
 ]  # fmt: skip
 __version__ = "0.1.0"
+
+quantization.register()  # torch.ao's eager fusion finds fuser methods by exact class

@@ -36,8 +36,14 @@ def record_call(module: nn.Module, input: fx.Proxy, residual: fx.Proxy | None = 
     for torch's own layers: its forward (checks, backend dispatch) is not traced into, and the
     traced model keeps the layer whole (its buffers and ``state_dict`` keys included)."""
     tracer = input.tracer
+    path = tracer.path_of_module(module)
+    if not path:  # the traced root itself: there is no parent to call it from
+        raise fx.proxy.TraceError(
+            f"symbolic tracing traces into the module it is given, and a batch-norm layer ({type(module).__name__}, "
+            "like torch's) cannot be traced into; trace the model that contains it"
+        )
     args = (input,) if residual is None else (input, residual)
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+    return tracer.create_proxy("call_module", path, args, {})
 
 
 def call_counts(traced: fx.GraphModule) -> dict[str, int]:

@@ -552,12 +552,13 @@ def batch_norm(
     ):
         # torch's own kernel, and torch's add and activation after it, with torch's autograd
         in_transform = _route.in_functorch_transform()
-        if in_transform and training:
-            _check_vmap_with_running_stats(input, running_mean, running_var)
+        if in_transform and training and (running_mean is not None or running_var is not None):
+            return _in_transform_updating(
+                input, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, act, residual
+            )
         y = _torch_ops.batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
-            skip_nonfinite and not in_transform,  # a transform cannot write its values into the buffers
-            nonfinite_count, act.name, act.param, residual,
+            skip_nonfinite, nonfinite_count, act.name, act.param, residual,
         )  # fmt: skip
         return input.copy_(y) if overwrite else y
     if memory_efficient and training:  # keeps only the output; with inplace, over the input
@@ -589,11 +590,27 @@ def _update_if_kept(running_mean, running_var, mean, var, input, momentum, num_b
         )  # fmt: skip
 
 
-def _check_vmap_with_running_stats(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None) -> None:
-    if (running_mean is not None or running_var is not None) and torch._C._functorch.is_batchedtensor(input):
-        raise RuntimeError(
-            "batch norm in training mode updates its running statistics in place, which torch.func.vmap "
-            "cannot do for each sample: call torch.func.replace_all_batch_norm_modules_(model) first (it "
-            "stops tracking running statistics), build the layers with track_running_stats=False, or run "
-            "the model in eval mode"
-        )
+_TRANSFORM_ADVICE = (
+    "batch norm in training mode updates its running statistics in place, which a torch.func transform "
+    "cannot do with the buffers it captured: call torch.func.replace_all_batch_norm_modules_(model) first "
+    "(it stops tracking running statistics), pass the buffers to functional_call too, build the layers with "
+    "track_running_stats=False, or run the model in eval mode"
+)
+
+
+def _in_transform_updating(input, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked,
+                           act, residual) -> Tensor:  # fmt: skip
+    """Training inside a torch.func transform with running buffers: torch's kernel writes them
+    (a transform's wrapped values cannot reach our update; a non-finite batch is not skipped here).
+    Where torch itself refuses (vmap over the batch, buffers captured by grad), say what to do."""
+    if torch._C._functorch.is_batchedtensor(input):
+        raise RuntimeError(_TRANSFORM_ADVICE)
+    try:
+        return _torch_ops.batch_norm(
+            input, running_mean, running_var, weight, bias, True, momentum, eps, num_batches_tracked,
+            False, None, act.name, act.param, residual,
+        )  # fmt: skip
+    except RuntimeError as error:
+        if "captured Tensor" in str(error) or "batched" in str(error):
+            raise RuntimeError(_TRANSFORM_ADVICE) from error
+        raise
