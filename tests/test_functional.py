@@ -225,3 +225,18 @@ def test_export_gives_plain_aten_ops(training):
         assert any("batch_norm" in t for t in targets), targets
     x = torch.randn(6, 3, 5, 5)
     assert_close(program.module()(x), torch.relu(reference(x)), 1e-5, 1e-5, "exported output")
+
+
+def test_empty_inputs_behave_as_torchs():
+    """torch returns an empty input's empty output whatever its dtype, dimensions and layout."""
+    layer, theirs = batchnorm.BatchNorm2d(3), nn.BatchNorm2d(3)
+    empty64 = torch.empty(0, 3, 4, 4, dtype=torch.float64)
+    assert layer(empty64).dtype == theirs(empty64).dtype == torch.float64
+    assert int(layer.num_batches_tracked) == int(theirs.num_batches_tracked) == 1  # counted, as torch does
+    empty_cl = torch.empty(0, 3, 4, 4).to(memory_format=torch.channels_last)
+    assert layer(empty_cl).stride() == theirs(empty_cl).stride() == empty_cl.stride()
+    one_d = torch.empty(0)
+    expected = nn.functional.batch_norm(one_d, None, None, training=True)
+    assert F.batch_norm(one_d, None, None, training=True).shape == expected.shape == (0,)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        F.batch_norm(torch.randn(5), None, None, training=True)

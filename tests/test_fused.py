@@ -222,26 +222,42 @@ def test_fused_layer_compiles_fullgraph():
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5, 5), (8, 16, 48, 48)], ids=["small", "large"])
-def test_inplace_overwrites_the_input_where_autograd_does_not_need_it(shape):
-    """``inplace=True`` means "may overwrite the input", as for torch's activations: eval and
-    no-grad calls write over it; training with autograd (without the memory-saving mode) cannot,
-    since the backward needs the input, and computes out of place."""
-    layer = batchnorm.BatchNorm2d(shape[1], activation="relu", inplace=True)
-    reference = nn.BatchNorm2d(shape[1])
-    layer.train()(torch.randn(shape))  # some running statistics
-    reference.load_state_dict(layer.state_dict())
-    layer.eval(), reference.eval()
-    x = torch.randn(shape)
-    expected = torch.relu(reference(x))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act", [None, ("leaky_relu", 0.1)], ids=["identity", "leaky"])
+def test_inplace_writes_over_the_input_with_the_gradients_of_the_out_of_place_layer(shape, training, act):
+    """As torch's module tests check ``inplace=True``: the input's version moves, the output and
+    the input gradient are those of the out-of-place layer (in training from the output alone)."""
+    out_of_place = batchnorm.BatchNorm2d(shape[1], activation=act).train(training)
+    in_place = batchnorm.BatchNorm2d(shape[1], activation=act, inplace=True).train(training)
     with torch.no_grad():
-        y = layer(x)
-    assert y.data_ptr() == x.data_ptr()
-    assert_close(x, expected, 1e-5, 1e-5, "eval output, written over the input")
-    layer.train(), reference.train()
+        out_of_place.weight.uniform_(0.5, 1.5)
+        out_of_place.running_var.uniform_(0.5, 2)
+    in_place.load_state_dict(out_of_place.state_dict())
     x = torch.randn(shape, requires_grad=True)
-    y = layer(x)
-    assert y.data_ptr() != x.data_ptr()
-    y.sum().backward()
-    x2 = x.detach().clone().requires_grad_()
-    torch.relu(reference(x2)).sum().backward()
-    assert_close(x.grad, x2.grad, 1e-4, 1e-4, "input grad, training out of place")
+    x_copy = x.detach().clone().requires_grad_()
+    y = out_of_place(x)
+    clone = x_copy.clone()
+    version = clone._version
+    y_in_place = in_place(clone)
+    assert clone._version > version and y_in_place.data_ptr() == clone.data_ptr()
+    assert_close(y_in_place, y, 1e-5, 1e-5, "output")
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_in_place.backward(g)
+    assert_close(x_copy.grad, x.grad, 1e-4, 1e-4, "input grad")
+    assert_close(in_place.weight.grad, out_of_place.weight.grad, 1e-3, 1e-4, "weight grad")
+    with torch.no_grad():  # no autograd: written over the input in every mode
+        z = torch.randn(shape)
+        expected = out_of_place(z.clone())
+        assert in_place(z).data_ptr() == z.data_ptr()
+        assert_close(z, expected, 1e-5, 1e-5, "no-grad output over the input")
+
+
+def test_inplace_in_training_needs_what_the_memory_saving_backward_needs():
+    layer = batchnorm.BatchNorm2d(3, activation="relu", inplace=True)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True).clone()
+    with pytest.raises(ValueError, match=r"inplace=True in training needs an invertible activation.*got relu"):
+        layer(x)
+    layer.eval()
+    with torch.no_grad():  # eval needs no inverse
+        assert layer(x).data_ptr() == x.data_ptr()

@@ -254,3 +254,11 @@ def test_output_takes_inplace_ops_like_torchs(shape, training):
     assert_close(xo.grad, xt.grad, 1e-5, 1e-5, "grad through in-place relu")
     with torch.inference_mode():
         assert_close(torch.relu_(ours(x)), torch.relu_(theirs(x)), 1e-5, 1e-5, "inference mode")
+
+
+def test_symbolic_trace_of_a_bare_layer_says_to_trace_its_model():
+    """torch's layer fails as the root of a symbolic trace too; inside a model, ours is one call."""
+    with pytest.raises(torch.fx.proxy.TraceError, match="trace the model that contains it"):
+        torch.fx.symbolic_trace(batchnorm.BatchNorm2d(3))
+    traced = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 3, 1), batchnorm.BatchNorm2d(3)))
+    assert [n.op for n in traced.graph.nodes] == ["placeholder", "call_module", "call_module", "output"]

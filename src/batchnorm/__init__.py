@@ -10,14 +10,15 @@ to collapse them for inference. See
 
 from . import functional, quantization, reference
 from .convert import convert
-from .fold import fold, freeze
+from .fold import FrozenBatchNorm, fold, freeze
 from .fuse import fuse
 from .kernels import backend
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .sync import SyncBatchNorm
 
 __all__ = [
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "backend", "convert", "fold", "freeze",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "FrozenBatchNorm", "SyncBatchNorm", "backend", "convert", "fold",
+    "freeze",
     "functional", "fuse", "quantization", "reference",
 ]  # fmt: skip
 __version__ = "0.1.0"

@@ -49,7 +49,6 @@ def check_input(
                     ("weight", weight), ("bias", bias)):  # fmt: skip
         if t is not None and t.numel() != channels:
             raise ShapeError(f"{name} should contain {channels} elements not {t.numel()}")
-    _check_dtypes(x, (running_mean, running_var, weight, bias))
     if training:
         if eps <= 0 or math.isnan(eps):
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
@@ -60,6 +59,7 @@ def check_input(
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var must be given in evaluation mode (training=False)")
+    _check_dtypes(x, (running_mean, running_var, weight, bias))  # after the checks torch makes first
 
 
 def _check_dtypes(x: Tensor, others: tuple[Tensor | None, ...]) -> None:

@@ -20,23 +20,23 @@ from .kernels import stats_dtype
 Tensor = torch.Tensor
 
 
-def check(act: Activation, weight: Tensor | None, residual: Tensor | None) -> None:
-    """Raise unless the output alone determines the backward."""
+def check(act: Activation, weight: Tensor | None, residual: Tensor | None, why: str = "memory_efficient=True") -> None:
+    """Raise unless the output alone determines the backward (``why``: what asked for that)."""
     if not act.invertible:
         raise ValueError(
-            f"memory_efficient=True needs an invertible activation (identity, leaky_relu with a positive "
+            f"{why} needs an invertible activation (identity, leaky_relu with a positive "
             f"slope, elu with a positive alpha) to recover the input from the output; got {act}"
         )
     if residual is not None:
         raise ValueError(
-            "memory_efficient=True cannot take a residual: recovering the normalized input from the output "
-            "would need the residual too; add it outside the layer or use memory_efficient=False"
+            f"{why} cannot take a residual: recovering the normalized input from the output "
+            "would need the residual too; add it outside the layer"
         )
     if weight is not None and bool((weight == 0).any()):
         zero = torch.nonzero(weight == 0).flatten().tolist()[:8]
         raise ValueError(
-            "memory_efficient=True recomputes the normalized input as (z - bias) / weight, so every weight "
-            f"(gamma) must be non-zero; channels {zero} have weight 0 (use memory_efficient=False there)"
+            f"{why} recomputes the normalized input as (z - bias) / weight, so every weight "
+            f"(gamma) must be non-zero; channels {zero} have weight 0"
         )
 
 

@@ -37,6 +37,12 @@ def activate(y: Tensor, residual: Tensor | None, name: str, param: float, owned:
     return y
 
 
+def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``y = x * scale[c] + shift[c]`` over dim 1, in ``x``'s dtype and memory format."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
+
+
 def update_running(
     running_mean: Tensor | None,
     running_var: Tensor | None,

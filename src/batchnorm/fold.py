@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from . import activations, functional
+from . import _fx, _torch_ops, activations, functional
 from ._fx import call_counts, trace
 from .activations import Activation
 
@@ -44,7 +44,12 @@ class FrozenBatchNorm(nn.Module):
         return cls(scale, shift, getattr(layer, "activation", activations.IDENTITY))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        y = functional._affine(x, self.scale, self.shift)
+        if torch.jit.is_scripting():  # TorchScript compiles this branch only
+            return _torch_ops.activate(_torch_ops.affine(x, self.scale, self.shift), residual, self.activation[0],
+                                       self.activation[1], True)  # fmt: skip
+        if isinstance(x, fx.Proxy):  # symbolic tracing: one call of this layer
+            return _fx.record_call(self, x, residual)
+        y = functional.affine(x, self.scale, self.shift)
         if residual is not None:
             y = y + residual
         return activations.forward(y, self.activation)

@@ -21,6 +21,8 @@ the ``C``-sized buffers, without reading anything back to the host.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -33,7 +35,7 @@ from .kernels.base import affine_from_stats
 
 Tensor = torch.Tensor
 
-__all__ = ["batch_norm", "inference_affine", "update_running_stats"]
+__all__ = ["affine", "batch_norm", "inference_affine", "update_running_stats"]
 
 
 # ---------------------------------------------------------------------------
@@ -363,6 +365,14 @@ def _activate(y: Tensor, residual: Tensor | None, act: Activation) -> Tensor:
     return activations.forward(y, act)
 
 
+def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``y = x * scale[c] + shift[c]`` per channel (dim 1): a frozen batch norm; differentiable,
+    and taking the same path as :func:`batch_norm` (our kernel, or torch's ops where a tool needs them)."""
+    if x.numel() == 0 or _route.tool_needs_torch_ops() or _route.prefers_torch_kernel(x, None, None):
+        return _torch_ops.affine(x, scale, shift)
+    return _affine(x, scale, shift)
+
+
 def inference_affine(
     running_mean: Tensor,
     running_var: Tensor,
@@ -523,9 +533,22 @@ def batch_norm(
     derivative itself, keeping the input alone (plus a 1-bit sign mask for
     ReLU/LeakyReLU after a residual add) instead of the input and the output.
     ``memory_efficient=True`` (training, invertible activations, no residual)
-    keeps only the output and recomputes the rest from it; with ``inplace=True``
-    the output is written over ``input``'s storage.
+    keeps only the output and recomputes the rest from it. ``inplace=True``
+    writes the output over ``input`` and returns it (in training with autograd,
+    through the memory-saving backward).
     """
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+            skip_nonfinite, nonfinite_count, activation, residual, memory_efficient, inplace)  # fmt: skip
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            # our checks read sizes, which a trace records as constants (as it does torch's layer's)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return _batch_norm(*args)
+    return _batch_norm(*args)
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+                skip_nonfinite, nonfinite_count, activation, residual, memory_efficient, inplace) -> Tensor:  # fmt: skip
     check_input(input, running_mean, running_var, weight, bias, training, eps)
     act = activations.parse(activation)
     if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
@@ -542,13 +565,18 @@ def batch_norm(
             nonfinite_count=nonfinite_count, memory_efficient=memory_efficient,
         )  # fmt: skip
         return activations.forward(y + residual, act)
-    if memory_efficient and training:
-        _memory_efficient.check(act, weight, residual)
-    overwrite = inplace and not _needs_autograd(input, weight, bias, residual)
+    grad_needed = _needs_autograd(input, weight, bias, residual)
+    # training that keeps only the output: asked for, or the only way to overwrite an input autograd needs
+    keeps_output = training and (memory_efficient or (inplace and grad_needed))
+    if keeps_output:
+        _memory_efficient.check(act, weight, residual, "memory_efficient=True" if memory_efficient else
+                                "inplace=True in training")  # fmt: skip
+    if inplace and grad_needed and not training and input.numel() > 0:
+        return _eval_in_place(input, running_mean, running_var, weight, bias, eps, act, residual)
     if (
         input.numel() == 0
         or _route.tool_needs_torch_ops()
-        or (not memory_efficient and _route.prefers_torch_kernel(input, weight, bias))
+        or (not keeps_output and _route.prefers_torch_kernel(input, weight, bias))
     ):
         # torch's own kernel, and torch's add and activation after it, with torch's autograd
         in_transform = _route.in_functorch_transform()
@@ -560,8 +588,8 @@ def batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
             skip_nonfinite, nonfinite_count, act.name, act.param, residual,
         )  # fmt: skip
-        return input.copy_(y) if overwrite else y
-    if memory_efficient and training:  # keeps only the output; with inplace, over the input
+        return input.copy_(y) if inplace else y
+    if keeps_output:  # with inplace, the output is written over the input
         y, mean, var = _memory_efficient.MemoryEfficientBatchNorm.apply(
             input, weight, bias, eps, act, inplace, _forward_train_impl
         )
@@ -571,11 +599,21 @@ def batch_norm(
     if not training:
         scale, shift = inference_affine(running_mean, running_var, weight, bias, eps)
         y = _activate(_affine(input, scale, shift), residual, act)
-        return input.copy_(y) if overwrite else y
+        return input.copy_(y) if inplace else y
     y, mean, var, _ = _forward_train(input, weight, bias, eps, residual, act)
     _update_if_kept(running_mean, running_var, mean, var, input, momentum, num_batches_tracked,
                     skip_nonfinite, nonfinite_count)  # fmt: skip
-    return input.copy_(y) if overwrite else y
+    return input.copy_(y) if inplace else y
+
+
+def _eval_in_place(input, running_mean, running_var, weight, bias, eps, act, residual) -> Tensor:
+    """Eval over the input while autograd records: torch's in-place multiply-add (autograd keeps
+    what their backward needs), the residual add and the activation in place after it."""
+    scale, shift = inference_affine(running_mean, running_var, weight, bias, eps)
+    y = input.mul_(per_channel(scale, input)).add_(per_channel(shift, input))
+    if residual is not None:
+        y.add_(residual)
+    return activations.apply_(y, act)
 
 
 torch.fx.wrap("batch_norm")  # symbolic tracing records a call, rather than tracing into the checks

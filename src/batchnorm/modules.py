@@ -57,10 +57,11 @@ class _BatchNorm:
         memory_efficient: in training keep only the output for the backward and
             recompute the rest from it (invertible activations only; every
             ``weight`` must be non-zero; no residual).
-        inplace: as for torch's activations, the layer *may* write its output
-            over its input (and return the input): always where autograd does
-            not need the input (eval or no-grad calls, inference); in training
-            only with ``memory_efficient=True``, else it computes out of place.
+        inplace: write the output over the input and return the input, as
+            torch's in-place modules do. In training with autograd the input
+            is then gone, so the backward works from the output alone, as with
+            ``memory_efficient=True`` (an invertible activation, non-zero
+            weights, no residual; the layer says so otherwise).
     """
 
     def __init__(

@@ -17,6 +17,7 @@ from torch import nn
 
 import batchnorm
 from batchnorm._route import SMALL_NUMEL
+from tests.ecosystem import vision
 
 
 class ReluAfter(nn.Module):
@@ -53,14 +54,20 @@ class Kind:
     residual: bool = False
     channels_last: bool = False
     spatial: bool = True  # a sample alone has more than one value per channel
+    frozen: bool = False  # eval only: no running statistics, no parameters
     kwargs: dict = field(default_factory=dict)
 
     def pair(self, **kwargs) -> tuple[nn.Module, nn.Module]:
-        """``(ours, theirs)`` with the same random state; ``theirs`` is ``torch.nn`` only."""
+        """``(ours, theirs)`` with the same random state; ``theirs`` is ``torch.nn``'s (torchvision's
+        ``FrozenBatchNorm2d`` for a frozen layer)."""
         kwargs = {**self.kwargs, **kwargs}
         channels = self.shapes["small"][1]
         bn = self.torch_cls(channels, **kwargs)
         _randomize(bn)
+        if self.frozen:
+            theirs = vision.torchvision().ops.FrozenBatchNorm2d(channels)
+            theirs.load_state_dict({k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"})
+            return batchnorm.FrozenBatchNorm.from_batch_norm(bn.eval()), theirs
         ours = self.ours_cls(channels, activation=self.activation, **kwargs)
         ours.load_state_dict(bn.state_dict())
         theirs = ReluAfter(bn) if self.activation == "relu" else bn
@@ -89,6 +96,8 @@ KINDS = [
     Kind("bn2d-add-relu", nn.BatchNorm2d, batchnorm.BatchNorm2d,
          {"small": (4, 8, 5, 7), "large": (2, 8, LARGE, LARGE)}, activation="relu", residual=True),
     Kind("sync", nn.BatchNorm2d, batchnorm.SyncBatchNorm, {"small": (4, 8, 5, 7), "large": (2, 8, LARGE, LARGE)}),
+    Kind("frozen", nn.BatchNorm2d, batchnorm.FrozenBatchNorm, {"small": (4, 8, 5, 7), "large": (2, 8, LARGE, LARGE)},
+         frozen=True),
 ]  # fmt: skip
 BY_NAME = {kind.name: kind for kind in KINDS}
 

@@ -28,7 +28,7 @@ ALL_BACKENDS = ("auto", "torch", "numba")
 
 def _state(model: nn.Module) -> dict[str, Tensor]:
     """The running statistics of the batch-norm layer in ``model`` (wrapped, traced or scripted)."""
-    bn = next(m for m in model.modules() if hasattr(m, "running_mean"))
+    bn = next((m for m in model.modules() if hasattr(m, "num_batches_tracked")), None)  # frozen ones have none
     return {name: getattr(bn, name) for name in ("running_mean", "running_var", "num_batches_tracked")
             if getattr(bn, name, None) is not None}  # fmt: skip
 
@@ -82,7 +82,8 @@ def eager(model, xs, training):
     y = model(*xs)
     y.backward(_cotangent(y))
     grads = {f"dx{i}": x.grad for i, x in enumerate(xs)}
-    return {"y": y, **grads, **_short({n: p.grad for n, p in model.named_parameters()}), **_state(model)}
+    grads.update(_short({n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    return {"y": y, **grads, **_state(model)}
 
 
 def forward_mode_ad(model, xs, training):
@@ -164,7 +165,8 @@ def jit_script(model, xs, training):
 def fx_symbolic_trace(model, xs, training):
     holder = Holder(copy.deepcopy(model))
     traced = torch.fx.symbolic_trace(holder, concrete_args={"residual": None} if len(xs) == 1 else None)
-    assert traced.state_dict().keys() == holder.state_dict().keys(), "the traced model's state_dict keys differ"
+    if not type(model).__module__.startswith("torchvision"):  # its FrozenBatchNorm2d is traced into, to constants
+        assert traced.state_dict().keys() == holder.state_dict().keys(), "the traced model's state_dict keys differ"
     return eager(traced, xs, training)
 
 
@@ -230,8 +232,8 @@ def autocast_bfloat16(model, xs, training):
         assert h.dtype == torch.bfloat16
         y = model(h, *xs[1:])
     y.float().backward(_cotangent(y).float())
-    return {"y": y.float(), "dx": x.grad, **_short({n: p.grad for n, p in model.named_parameters()}),
-            **_state(model)}  # fmt: skip
+    grads = _short({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    return {"y": y.float(), "dx": x.grad, **grads, **_state(model)}
 
 
 def _producer(x: Tensor) -> nn.Module:
@@ -297,9 +299,12 @@ class Path:
     expect_error: dict[str, str] | None = None  # kind -> message of the error ours raises (as torch's does)
     ctor: dict | None = None  # constructor keywords for both layers
     tolerance: float = 1e-4
+    frozen: bool = True  # applies to frozen layers (whose parameters are constants)
     reference: Callable | None = None  # what torch's layer runs instead (default: the same path)
 
     def applies(self, kind: Kind) -> bool:
+        if kind.frozen and not self.frozen:
+            return False
         return (
             kind.name not in self.skip_kinds
             and (kind.spatial or not self.needs_spatial)
@@ -315,9 +320,9 @@ PATHS: dict[str, Path] = {
     "eager": Path(eager, "forward and backward", KERNELS),
     "forward_ad": Path(forward_mode_ad, "forward-mode AD (`torch.autograd.forward_ad`)", TORCH_OPS),
     "func_jvp": Path(func_jvp, "`torch.func.jvp`", TORCH_OPS),
-    "func_grad": Path(func_grad, "`torch.func.grad` over `functional_call`", TORCH_OPS),
-    "func_jacfwd": Path(func_jacfwd, "`torch.func.jacfwd`", TORCH_OPS, sizes=("small",)),
-    "func_jacrev": Path(func_jacrev, "`torch.func.jacrev`", TORCH_OPS),
+    "func_grad": Path(func_grad, "`torch.func.grad` over `functional_call`", TORCH_OPS, frozen=False),
+    "func_jacfwd": Path(func_jacfwd, "`torch.func.jacfwd`", TORCH_OPS, sizes=("small",), frozen=False),
+    "func_jacrev": Path(func_jacrev, "`torch.func.jacrev`", TORCH_OPS, frozen=False),
     "func_per_sample_grads": Path(
         func_per_sample_grads, "`vmap(grad(functional_call))` per-sample gradients", TORCH_OPS, needs_spatial=True
     ),
@@ -342,10 +347,11 @@ PATHS: dict[str, Path] = {
     ),  # fmt: skip
     "compile": Path(
         compile_fullgraph, "`torch.compile(fullgraph=True)`", "one custom op per layer, no graph break",
-        backends=("auto",), skip_kinds=("bn1d-ncl", "bn3d", "bn2d-nhwc", "sync"), reference=eager,
+        backends=("auto",), skip_kinds=("bn1d-ncl", "bn3d", "bn2d-nhwc", "sync", "frozen"), reference=eager,
     ),  # fmt: skip
     "swa_update_bn": Path(
-        swa_update_bn, "`torch.optim.swa_utils.update_bn`", KERNELS, modes=("train",), single_input=True
+        swa_update_bn, "`torch.optim.swa_utils.update_bn`", KERNELS, modes=("train",), single_input=True,
+        frozen=False,
     ),
     "autocast_bf16": Path(autocast_bfloat16, "`torch.autocast('cpu', torch.bfloat16)`", KERNELS, tolerance=3e-2),
     "inference_mode": Path(inference_mode, "`torch.inference_mode()`", KERNELS),
@@ -353,9 +359,9 @@ PATHS: dict[str, Path] = {
     "half": Path(half, "`model.half()` on CPU", KERNELS, tolerance=2e-2),
     "frozen": Path(frozen_parameters, "frozen parameters (`requires_grad_(False)`)", KERNELS),
     "no_running_stats": Path(
-        eager, "`track_running_stats=False`", KERNELS, ctor={"track_running_stats": False}
+        eager, "`track_running_stats=False`", KERNELS, ctor={"track_running_stats": False}, frozen=False
     ),
-    "affine_false": Path(eager, "`affine=False`", KERNELS, ctor={"affine": False}),
+    "affine_false": Path(eager, "`affine=False`", KERNELS, ctor={"affine": False}, frozen=False),
     "copies": Path(copies, "`copy.deepcopy`, pickle, `torch.save` of the whole model", KERNELS),
     "gradcheck": Path(
         gradcheck, "`gradcheck` (batched gradients included)", KERNELS, sizes=("small",), skip_kinds=("bn3d",)

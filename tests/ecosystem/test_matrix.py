@@ -32,7 +32,7 @@ def _cells():
             if not path.applies(kind):
                 continue
             for size in path.sizes:
-                for mode in path.modes:
+                for mode in ("eval",) if kind.frozen else path.modes:
                     for backend in path.backends:
                         cell = f"{path_name}-{kind.name}-{size}-{mode}-{backend}"
                         marks = [pytest.mark.slow] if path_name == "compile" else []
