@@ -107,3 +107,19 @@ def test_fold_of_a_fused_model_keeps_predictions():
     # BNs that take a residual stay, frozen; the others fold into their convs
     assert sum(isinstance(m, FrozenBatchNorm) for m in folded.modules()) == 4
     assert_close(folded(x), expected, 1e-4, 1e-4, "folded fused model")
+
+
+def test_fold_leaves_the_model_untouched_and_folds_frozen_layers():
+    model = _trained(TinyResNet(), (4, 3, 10, 10))
+    x = torch.randn(3, 3, 10, 10)
+    expected, state = model(x), copy.deepcopy(model.state_dict())
+    folded = fold(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, FrozenBatchNorm) for m in model.modules())  # nothing swapped in the original
+    frozen = freeze(copy.deepcopy(model))
+    refolded = fold(frozen)  # a frozen model folds as its batch norms would
+    for result in (folded, refolded):
+        assert_close(result(x), expected, 1e-5, 1e-5, "folded")
+        assert sum(isinstance(m, FrozenBatchNorm) for m in result.modules()) == sum(
+            isinstance(m, FrozenBatchNorm) for m in folded.modules())  # fmt: skip
+    assert sum(isinstance(m, FrozenBatchNorm) for m in refolded.modules()) < 11

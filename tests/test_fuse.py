@@ -70,12 +70,17 @@ def test_memory_efficient_fuse_frees_the_inputs_of_invertible_blocks_and_trains_
     _train_side_by_side(original, saving)
 
 
-def test_fuse_keeps_tensors_and_state_dict_keys():
-    original = TinyResNet()
-    tensors = {id(t) for t in original.state_dict(keep_vars=True).values()}
+def test_fuse_returns_a_new_model_with_the_same_state_and_leaves_the_original_untouched():
+    original = TinyResNet(activation=lambda: nn.LeakyReLU(0.2)).eval()
+    x = torch.randn(3, 3, 10, 10)
+    before, state = original(x), copy.deepcopy(original.state_dict())
     fused = batchnorm.fuse(original)
-    assert {id(t) for t in fused.state_dict(keep_vars=True).values()} == tensors
-    assert set(fused.state_dict()) == set(TinyResNet().state_dict())
+    assert fused is not original and not any(isinstance(m, batchnorm.BatchNorm2d) for m in original.modules())
+    assert_close(original(x), before, 0, 0, "the original after fuse")  # not rewritten: no LeakyReLU twice
+    assert_close(fused(x), before, 1e-5, 1e-5, "the fused model")
+    assert fused.state_dict().keys() == state.keys()
+    for key, value in fused.state_dict(keep_vars=True).items():
+        assert torch.equal(value, state[key]) and value is not original.state_dict(keep_vars=True)[key], key
 
 
 class _UsedTwice(nn.Module):
@@ -168,3 +173,15 @@ def test_fuse_traces_through_our_own_layers_and_is_idempotent():
     assert _fused_layers(again) == _fused_layers(fused)
     x = torch.randn(3, 3, 10, 10)
     assert_close(again(x), original(x), 1e-5, 1e-5, "output")
+
+
+def test_memory_saving_mode_applies_to_layers_fused_before():
+    original = TinyResNet(activation=lambda: nn.LeakyReLU(0.1))
+    once = batchnorm.fuse(original)
+    twice = batchnorm.fuse(once, memory_efficient=True)
+    direct = batchnorm.fuse(original, memory_efficient=True)
+
+    def saving(model):
+        return {n for n, m in model.named_modules() if getattr(m, "memory_efficient", False)}
+
+    assert saving(once) == set() and saving(twice) == saving(direct) != set()

@@ -5,11 +5,14 @@ In eval a batch-norm layer is ``y = x * scale + shift`` per channel, with
 (Ioffe & Szegedy 2015, Algorithm 2). :func:`freeze` replaces each layer by that
 affine map; :func:`fold` goes further and merges it into the convolution or
 linear layer that feeds it (``W' = W * scale``, ``b' = b * scale + shift``), so
-the layer costs nothing at inference. Both work on copies of the numbers: the
-original model's parameters are not touched.
+the layer costs nothing at inference. ``freeze`` swaps the layers of the model
+it is given (as ``convert`` does); ``fold`` returns a new model and leaves the
+given one untouched (as ``fuse`` does).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import fx, nn
@@ -60,6 +63,8 @@ class FrozenBatchNorm(nn.Module):
 
 
 def _affine_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(layer, FrozenBatchNorm):
+        return layer.scale, layer.shift
     if layer.training:
         raise ValueError(
             f"cannot freeze {type(layer).__name__} in training mode: it normalizes with each batch's statistics; "
@@ -72,9 +77,11 @@ def _affine_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Replace every batch-norm layer (torch.nn's or ours) by a :class:`FrozenBatchNorm`, in place.
+    """Replace every batch-norm layer (torch.nn's or ours) by a :class:`FrozenBatchNorm`; return the model.
 
-    The model must be in eval mode; its predictions do not change.
+    Like :func:`batchnorm.convert` (and torch's ``convert_sync_batchnorm``), this swaps layers in
+    the model you pass (pass ``copy.deepcopy(model)`` to keep it). The model must be in eval
+    mode; its predictions do not change.
     """
     if isinstance(model, _BN_TYPES):
         return FrozenBatchNorm.from_batch_norm(model)
@@ -84,13 +91,15 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def fold(model: nn.Module) -> nn.Module:
-    """Fold each eval-mode batch norm into the conv/linear layer before it; freeze the rest.
+    """Fold each eval-mode (or frozen) batch norm into the conv/linear layer before it; freeze the rest.
 
     Uses torch.fx: a ``Conv*d``/``Linear`` whose only user is a batch norm (and
     which is not called elsewhere) absorbs it; a fused activation stays as an
-    activation after the folded layer. Returns a new ``fx.GraphModule`` (with
-    copied conv/linear layers); an untraceable model is only frozen.
+    activation after the folded layer. Like torch.fx passes and torch's
+    ``fuse_modules``, it returns a new model (an ``fx.GraphModule``; a frozen copy
+    for a model that cannot be traced) and leaves the model you pass untouched.
     """
+    model = copy.deepcopy(model)
     try:
         traced = trace(model)
     except Exception:  # untraceable Python in forward
@@ -98,7 +107,7 @@ def fold(model: nn.Module) -> nn.Module:
     modules = dict(traced.named_modules())
     calls = call_counts(traced)
     for node in list(traced.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), _BN_TYPES):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), (*_BN_TYPES, FrozenBatchNorm)):
             continue
         if len(node.args) != 1 or node.kwargs:  # a fused residual: keep the layer, frozen
             continue

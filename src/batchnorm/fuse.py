@@ -11,6 +11,7 @@ batch-norm module called from two places, an unknown activation) is left alone.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import operator
 
@@ -40,18 +41,22 @@ _METHODS = {"relu": "relu", "relu_": "relu"}
 
 
 def fuse(model: nn.Module, memory_efficient: bool = False) -> nn.Module:
-    """Return ``model`` with its batch-norm + activation (+ residual add) patterns fused.
+    """A new model: ``model`` with its batch-norm + activation (+ residual add) patterns fused.
 
-    Parameters and buffers are kept (the same tensors), so an optimizer and a
-    ``state_dict`` carry over. A model that torch.fx can trace comes back as an
-    ``fx.GraphModule``; otherwise the model itself, changed in place.
+    Like torch.fx passes and torch's ``fuse_modules``, it leaves the model you pass
+    untouched and returns a new one (an ``fx.GraphModule`` where torch.fx can
+    trace the model, else a copy with its ``nn.Sequential`` pairs fused); build
+    the optimizer on the returned model. Its ``state_dict`` keys are the
+    original's, so a checkpoint of either loads into the other.
 
     ``memory_efficient=True`` also puts the fused layers with an invertible
     activation (identity, LeakyReLU, ELU) and no residual in the memory-saving
     mode: in training they keep only their output, which the next layer usually
     keeps anyway, so their input is freed after the forward. Their weights must
-    stay non-zero (the layer raises otherwise).
+    stay non-zero (the layer raises otherwise). Layers fused before (by an earlier
+    ``fuse``, or built with ``activation=``) join the mode too.
     """
+    model = copy.deepcopy(model)
     _convert_norm_act_layers(model)
     try:
         traced = trace(model)
