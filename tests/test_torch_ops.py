@@ -14,7 +14,8 @@ from tests.helpers import assert_close
 
 
 def _buffers(channels=3):
-    return torch.zeros(channels), torch.ones(channels), torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+    counter, nonfinite = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+    return torch.zeros(channels), torch.ones(channels), counter, nonfinite
 
 
 @pytest.mark.parametrize("skip_nonfinite", [True, False])

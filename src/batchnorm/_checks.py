@@ -48,7 +48,10 @@ def check_input(
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):  # fmt: skip
         if t is not None and t.numel() != channels:
-            raise ShapeError(f"{name} should contain {channels} elements not {t.numel()}")
+            raise ShapeError(
+                f"input has {channels} channels, the layer expects {t.numel()} "
+                f"({name} should contain {channels} elements not {t.numel()})"
+            )
     if training:
         if eps <= 0 or math.isnan(eps):
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")

@@ -155,9 +155,7 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def swap_layer(
-    old: nn.Module, new_cls: type[nn.Module], activation: activations.Activation | None = None
-) -> nn.Module:
+def swap_layer(old: nn.Module, new_cls: type[nn.Module], activation: activations.Activation | None = None) -> nn.Module:
     """A ``new_cls`` layer holding ``old``'s tensors, mode, hooks and fused activation (nothing copied)."""
     if activation is None:
         activation = getattr(old, "activation", activations.IDENTITY)

@@ -548,7 +548,8 @@ def batch_norm(
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
-                skip_nonfinite, nonfinite_count, activation, residual, memory_efficient, inplace) -> Tensor:  # fmt: skip
+                skip_nonfinite, nonfinite_count, activation, residual, memory_efficient,
+                inplace) -> Tensor:  # fmt: skip
     check_input(input, running_mean, running_var, weight, bias, training, eps)
     act = activations.parse(activation)
     if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):

@@ -19,10 +19,10 @@ import torch
 from torch import fx, nn
 
 from . import activations
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ._fx import call_counts, trace
 from .activations import Activation
 from .convert import _NORM_DROP_ACT, _fused_activation, _qualname, _target_of, convert, swap_layer
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["fuse"]
 

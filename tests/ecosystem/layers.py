@@ -85,7 +85,8 @@ LARGE = math.isqrt(SMALL_NUMEL // 16) + 2  # a side that puts 2 x 8 x side^2 abo
 KINDS = [
     Kind("bn1d", nn.BatchNorm1d, batchnorm.BatchNorm1d, {"small": (16, 64), "large": (SMALL_NUMEL // 64 + 8, 64)},
          spatial=False),
-    Kind("bn1d-ncl", nn.BatchNorm1d, batchnorm.BatchNorm1d, {"small": (4, 8, 9), "large": (4, 8, SMALL_NUMEL // 32 + 5)}),
+    Kind("bn1d-ncl", nn.BatchNorm1d, batchnorm.BatchNorm1d,
+         {"small": (4, 8, 9), "large": (4, 8, SMALL_NUMEL // 32 + 5)}),
     Kind("bn2d", nn.BatchNorm2d, batchnorm.BatchNorm2d, {"small": (4, 8, 5, 7), "large": (2, 8, LARGE, LARGE)}),
     Kind("bn2d-nhwc", nn.BatchNorm2d, batchnorm.BatchNorm2d, {"small": (4, 8, 5, 7), "large": (2, 8, LARGE, LARGE)},
          channels_last=True),

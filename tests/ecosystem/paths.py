@@ -290,6 +290,7 @@ class Path:
     fn: Callable
     readme: str  # the path, as the README's compatibility table names it
     how: str  # what our layer does there, as the table says
+    note: str = ""  # where it stops, as the table says
     modes: tuple[str, ...] = ("train", "eval")
     backends: tuple[str, ...] = ALL_BACKENDS
     sizes: tuple[str, ...] = ("small", "large")
@@ -312,43 +313,48 @@ class Path:
         )
 
 
-KERNELS = "our kernels"
-TORCH_OPS = "torch's own ops (automatic)"
+KERNELS = "our kernels (torch's kernel below 256K elements)"
+TORCH_OPS = "torch's own ops, chosen automatically"
+CAPTURED = "in training with running statistics torch's layer fails (captured buffers); ours says what to do"
 HEAVY = ("auto", "numba")  # the forced backend must not matter either
 
+# fmt: off
 PATHS: dict[str, Path] = {
     "eager": Path(eager, "forward and backward", KERNELS),
     "forward_ad": Path(forward_mode_ad, "forward-mode AD (`torch.autograd.forward_ad`)", TORCH_OPS),
-    "func_jvp": Path(func_jvp, "`torch.func.jvp`", TORCH_OPS),
-    "func_grad": Path(func_grad, "`torch.func.grad` over `functional_call`", TORCH_OPS, frozen=False),
-    "func_jacfwd": Path(func_jacfwd, "`torch.func.jacfwd`", TORCH_OPS, sizes=("small",), frozen=False),
-    "func_jacrev": Path(func_jacrev, "`torch.func.jacrev`", TORCH_OPS, frozen=False),
+    "func_jvp": Path(func_jvp, "`torch.func.jvp`", TORCH_OPS, note=CAPTURED),
+    "func_grad": Path(func_grad, "`torch.func.grad` over `functional_call`", TORCH_OPS, CAPTURED, frozen=False),
+    "func_jacfwd": Path(func_jacfwd, "`torch.func.jacfwd`", TORCH_OPS, CAPTURED, sizes=("small",), frozen=False),
+    "func_jacrev": Path(func_jacrev, "`torch.func.jacrev`", TORCH_OPS, CAPTURED, frozen=False),
     "func_per_sample_grads": Path(
         func_per_sample_grads, "`vmap(grad(functional_call))` per-sample gradients", TORCH_OPS, needs_spatial=True
     ),
-    "func_vmap": Path(func_vmap, "`torch.func.vmap` (eval)", TORCH_OPS, modes=("eval",)),
+    "func_vmap": Path(func_vmap, "`torch.func.vmap`", TORCH_OPS,
+                      "in training with running statistics torch fails; ours says what to do", modes=("eval",)),
     "jit_trace": Path(jit_trace, "`torch.jit.trace`", TORCH_OPS),
     "jit_script": Path(
-        jit_script, "`torch.jit.script`", "compiles torch's ops", backends=("auto",),
+        jit_script, "`torch.jit.script`", "compiles torch's ops",
+        "SyncBatchNorm: refused, as torch's, saying how to revert it",
+        backends=("auto",),
         expect_error={"sync": "cannot be compiled by torch.jit.script"},
-    ),  # fmt: skip
+    ),
     "fx_symbolic_trace": Path(fx_symbolic_trace, "`torch.fx.symbolic_trace`", "one `call_module` node, as torch's"),
     "onnx_torchscript": Path(
         onnx_torchscript, "`torch.onnx.export(dynamo=False)` + onnxruntime", "ONNX `BatchNormalization`",
         modes=("eval",), backends=HEAVY, reference=fresh_output,
-    ),  # fmt: skip
+    ),
     "onnx_dynamo": Path(
         onnx_dynamo, "`torch.onnx.export(dynamo=True)` + onnxruntime", "ONNX `BatchNormalization`",
         modes=("eval",), backends=("auto",), sizes=("large",), reference=fresh_output,
-    ),  # fmt: skip
+    ),
     "export": Path(
         export_decomposed, "`torch.export` + `run_decompositions()`", "aten ops only: loads without this package",
         backends=HEAVY, reference=fresh_output,
-    ),  # fmt: skip
+    ),
     "compile": Path(
         compile_fullgraph, "`torch.compile(fullgraph=True)`", "one custom op per layer, no graph break",
         backends=("auto",), skip_kinds=("bn1d-ncl", "bn3d", "bn2d-nhwc", "sync", "frozen"), reference=eager,
-    ),  # fmt: skip
+    ),
     "swa_update_bn": Path(
         swa_update_bn, "`torch.optim.swa_utils.update_bn`", KERNELS, modes=("train",), single_input=True,
         frozen=False,
@@ -367,3 +373,27 @@ PATHS: dict[str, Path] = {
         gradcheck, "`gradcheck` (batched gradients included)", KERNELS, sizes=("small",), skip_kinds=("bn3d",)
     ),
 }
+# fmt: on
+
+
+# paths checked by their own tests rather than the matrix: (path, how, the test that checks it)
+OTHER_PATHS = [
+    ("`torch.ao.quantization.fuse_modules` / `fuse_modules_qat`", "fused into the conv as torch's",
+     "test_quantization.py::test_fuse_modules_fuses_our_layers_as_torchs"),
+    ("`prepare_fx` / `prepare_qat_fx` / `convert_fx`",
+     "runs; with `backend_config=batchnorm.quantization.backend_config()` quantized exactly as torch's",
+     "test_quantization.py::test_prepare_fx_runs_on_our_layers_and_with_our_config_quantizes_as_torchs"),
+    ("torchvision `create_feature_extractor`", "one `call_module` node, as torch's",
+     "test_quantization.py::test_symbolic_trace_and_feature_extractor_keep_our_layers_whole"),
+    ("torchvision and timm models after `convert` (float64, float32, channels-last)", "same numbers, 3 SGD steps",
+     "test_zoo.py::test_converted_model_computes_what_the_original_does"),
+    ("torch's generic module checks (`TestModule`)", "pass", "test_torch_module_checks.py"),
+]  # fmt: skip
+
+
+def compatibility_table() -> str:
+    """The README's compatibility table: every path of the matrix, then the ones tested on their own."""
+    lines = ["| path | with our layers | where it stops |", "|---|---|---|"]
+    lines += [f"| {path.readme} | {path.how} | {path.note} |" for path in PATHS.values()]
+    lines += [f"| {path} | {how} | |" for path, how, _ in OTHER_PATHS]
+    return "\n".join(lines)

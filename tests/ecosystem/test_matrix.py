@@ -83,3 +83,19 @@ def test_cell(path_name, kind, size, mode, backend):
         if name in ("dweight", "dbias"):  # a sum over every value of the channel: rounding grows with it
             atol *= max(1.0, math.sqrt(per_channel) / 10)
         assert_close(got[name], value, atol, path.tolerance, name)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_vmap_over_a_training_layer_with_running_statistics_says_what_to_do(size):
+    """torch's layer fails here too (it cannot write per-sample statistics into one buffer)."""
+    kind = KINDS[2]  # bn2d
+    ours, theirs = kind.pair()
+    (x,) = kind.inputs(size)
+    stacked = torch.stack([x, x * 2])
+    with pytest.raises(RuntimeError, match="running_mean or running_var"):
+        torch.func.vmap(theirs)(stacked)
+    with pytest.raises(RuntimeError, match=TRANSFORM_ADVICE):
+        torch.func.vmap(ours)(stacked)
+    torch.func.replace_all_batch_norm_modules_(ours)  # the documented way out
+    torch.func.replace_all_batch_norm_modules_(theirs)
+    assert_close(torch.func.vmap(ours)(stacked), torch.func.vmap(theirs)(stacked), 1e-4, 1e-4, "after the fix")

@@ -147,7 +147,7 @@ def test_gradients_total_and_partial(info, dtype, training, check):
 
         names = [n for n, _ in m.named_parameters()]
 
-        def fn(x, *values):  # training output does not depend on the running statistics it updates
+        def fn(x, *values, m=m, names=names):  # the training output does not depend on the running statistics
             return torch.func.functional_call(m, dict(zip(names, values, strict=True)), (x,))
 
         assert check(fn, (x, *params), fast_mode=check is torch.autograd.gradgradcheck)
