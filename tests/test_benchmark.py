@@ -121,7 +121,7 @@ def test_summary_speaks_to_each_target():
         row("resnet50", "fused-relu", big, 1.0, 3.0, 12.0, 0.5),
     ]
     text = "\n".join(benchmark._summary(rows))
-    assert "BN+ReLU fwd+bwd, ResNet-50 set (2 cases): geomean 3.00x torch eager (target >= 3x)" in text
+    assert "BN+ReLU fwd+bwd, ResNet-50 set (2 cases): geomean 3.00x torch eager (target >= 3x: met)" in text
     assert "6.00x torch.compile" in text
     assert "train fwd+bwd, ResNet-50 set (2 cases): geomean 2.00x torch eager" in text and "lowest 1.00x" in text
     assert "train-fwd, large cases (1): 70%" in text and "eval, large cases (1): 90%" in text
@@ -138,3 +138,18 @@ def test_cli_knows_bench():
 
     args = cli.build_parser().parse_args(["bench", "--quick", "--no-compile"])
     assert args._run is benchmark.run and args.quick and args.no_compile
+
+
+def test_console_has_a_header_a_legend_verdicts_and_a_noise_note(capsys):
+    args = parse("--quick", "--no-compile", "--cases", "small-32x64", "--modes", "eval", "--repeats", "2")
+    assert benchmark.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "| case | shape | mode | ours ms | torch ms |" in printed and "their time / ours" in printed
+    case = benchmark.Case("t", "resnet50", (4, 3, 5, 5))
+    rows = [benchmark.Row(case, "train-fwdbwd", 1.0, 2.0, None, 1.0, 0.1, spread=1.5),
+            benchmark.Row(case, "train-fwdbwd", 1.0, 0.5, None, 1.0, 0.1, spread=1.05)]  # fmt: skip
+    summary = "\n".join(benchmark._summary(rows))
+    assert "target >= 2.5x: not met" in summary and "target >= 1x: not met" in summary
+    (note,) = benchmark._noise_note(rows, repeats=2)
+    assert "in 1 of 2 rows" in note and "1.5x" in note and "--repeats (now 2)" in note
+    assert "~" in benchmark._markdown_row(rows[0]) and "~" not in benchmark._markdown_row(rows[1])

@@ -18,8 +18,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     "args,code,pattern",
-    [((), 2, "the following arguments are required: COMMAND"),
-     (("nope",), 2, "invalid choice: 'nope'"),
+    [(("nope",), 2, "invalid choice: 'nope'"),
      (("demo", "--no-such-option"), 2, "unrecognized arguments: --no-such-option")],
 )  # fmt: skip
 def test_usage_mistakes_are_one_line_and_exit_2(args, code, pattern):
@@ -40,6 +39,28 @@ def test_a_failure_inside_a_command_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err == "batchnorm: error: no such dataset folder: /nowhere\n"
 
 
-def test_help_lists_the_commands():
-    result = _run("--help")
-    assert result.returncode == 0 and "demo" in result.stdout and "bench" in result.stdout
+@pytest.mark.parametrize("args", [(), ("--help",)], ids=["bare", "help"])
+def test_help_lists_the_commands(args):
+    result = _run(*args)
+    assert result.returncode == 0 and "demo" in result.stdout and "bench" in result.stdout and not result.stderr
+
+
+def test_version():
+    import batchnorm
+
+    result = _run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"batchnorm {batchnorm.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(("--repeats", "0"), "--repeats must be a positive integer, got 0"),
+     (("--threads", "-1"), "--threads must be a positive integer, got -1"),
+     (("--modes", "train,fast"), "--modes: unknown mode 'train'; expected some of train-fwd, train-fwdbwd, eval, "
+                                 "fused-relu, fused-add-relu"),
+     (("--cases", "r99"), "--cases: no case matches 'r99'")],
+)  # fmt: skip
+def test_bench_refuses_bad_options_before_any_work(args, message):
+    result = _run("bench", "--quick", "--no-compile", *args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [f"batchnorm bench: error: {message} (see batchnorm bench --help)"]

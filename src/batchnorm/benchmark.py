@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .usage import UsageError
 
 PLAIN_MODES = ("train-fwd", "train-fwdbwd", "eval")
 FUSED_MODES = ("fused-relu", "fused-add-relu")
@@ -45,6 +47,7 @@ BYTES_PER_ELEMENT_MOVED = {  # in units of n * itemsize
 FUSED_RELU_TARGET = 3.0  # geomean vs torch eager on the ResNet-50 set
 LARGE_NUMEL = 1 << 23  # "large cases" for the bandwidth targets: 8M elements (32 MiB float32) and up
 REFERENCE_MAX_NUMEL = 1 << 22
+NOISY_SPREAD = 1.2  # rounds of one timing that differ by more than this: the machine is busy
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,11 @@ class Row:
     compile_ms: float | None
     gbps: float
     frac_copy: float
+    spread: float = field(default=1.0)  # slowest round / fastest round, of the noisiest implementation
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISY_SPREAD
 
     @property
     def vs_torch(self) -> float:
@@ -124,11 +132,28 @@ class Row:
         return None if self.compile_ms is None else self.compile_ms / self.ours_ms
 
 
+def _checked(args: argparse.Namespace) -> tuple[list[str], list[Case]]:
+    """The modes and cases asked for; a bad option is a usage error naming it (before any work)."""
+    for option in ("repeats", "threads"):
+        value = getattr(args, option)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{option} must be a positive integer, got {value}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        if mode not in MODES:
+            raise UsageError(f"--modes: unknown mode {mode!r}; expected some of {', '.join(MODES)}")
+    cases = _select_cases(args)
+    if not cases:
+        raise UsageError(f"--cases: no case matches {args.cases!r}")
+    return modes, cases
+
+
 def run(args: argparse.Namespace) -> int:
     import os
     import platform
     import time
 
+    modes, cases = _checked(args)
     import torch
 
     device = torch.device(args.device)
@@ -138,13 +163,6 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     repeats = args.repeats or (3 if args.quick else 7)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {mode!r}; expected some of {', '.join(MODES)}")
-    cases = _select_cases(args)
-    if not cases:
-        raise ValueError(f"no case matches --cases {args.cases!r}")
     folder = None
     if args.out:  # files of an earlier bench run there are replaced, nothing else
         from .run_folder import RunFolder
@@ -163,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         f"copy bandwidth {copy_gbps:.1f} GB/s (into an existing buffer), "
         f"{fresh_gbps:.1f} GB/s (fresh output, page faults included); medians of {repeats} rounds"
     )
-    print(header, flush=True)
+    print(header, "", LEGEND, "", _markdown_header(), sep="\n", flush=True)
 
     rows: list[Row] = []
     started = time.perf_counter()
@@ -171,11 +189,11 @@ def run(args: argparse.Namespace) -> int:
         for mode in modes:
             rows.append(_bench_one(case, mode, device, dtype, repeats, not args.no_compile, copy_gbps))
             print(_markdown_row(rows[-1]), flush=True)
-    summary = _summary(rows)
+    summary = [*_summary(rows), *_noise_note(rows, repeats)]
     memory: list[str] = []
     if not args.no_memory and any(m in FUSED_MODES for m in modes) and device.type == "cpu":
         memory = ["", *memory_report(quick=args.quick)]
-    table = "\n".join([header, "", _markdown_header(), *map(_markdown_row, rows), "", *summary, *memory])
+    table = "\n".join([header, "", LEGEND, "", _markdown_header(), *map(_markdown_row, rows), "", *summary, *memory])
     print("", *summary, f"({time.perf_counter() - started:.0f} s)", *memory, sep="\n")
     if folder is not None:
         staged = folder.stage()
@@ -341,7 +359,8 @@ def _bench_one(case: Case, mode: str, device, dtype, repeats: int, with_compile:
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     nbytes = BYTES_PER_ELEMENT_MOVED[mode] * case.numel * x.element_size()
     gbps = nbytes / (ms["ours"] / 1e3) / 1e9
-    return Row(case, mode, ms["ours"], ms["torch"], ms.get("compile"), gbps, gbps / copy_gbps)
+    spread = max(max(t) / min(t) for t in times.values())  # slowest over fastest round, worst implementation
+    return Row(case, mode, ms["ours"], ms["torch"], ms.get("compile"), gbps, gbps / copy_gbps, spread)
 
 
 def _validate(case: Case, mode: str, results, x, dy, ours) -> None:
@@ -415,6 +434,30 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+LEGEND = (
+    "ours = this package's layer; torch = torch.nn's layer, eager; compile = torch.compile of torch's layer. "
+    "ms: median of the rounds. vs torch, vs compile: their time / ours (above 1: ours is faster). "
+    "GB/s: the fewest bytes the mode must move / our time; % copy: that, of the copy bandwidth above. "
+    "~ after a ratio: its rounds differed by more than 20%."
+)
+
+
+def _noise_note(rows: list[Row], repeats: int) -> list[str]:
+    noisy = [r for r in rows if r.noisy]
+    if not noisy:
+        return []
+    return [
+        f"- noisy timings: in {len(noisy)} of {len(rows)} rows (marked ~) the slowest round took over "
+        f"{NOISY_SPREAD:.1f}x the fastest (worst {max(r.spread for r in noisy):.1f}x): the machine was busy. "
+        f"For stable figures run on an idle machine, with more --repeats (now {repeats}), and run twice."
+    ]
+
+
+def _verdict(value: float, target: float, at_least: bool = True) -> str:
+    met = value >= target if at_least else value <= target
+    return f"target {'>=' if at_least else '<='} {target:g}x: {'met' if met else 'not met'}"
+
+
 def _markdown_header() -> str:
     return (
         "| case | shape | mode | ours ms | torch ms | compile ms | vs torch | vs compile | GB/s | % copy |\n"
@@ -424,15 +467,17 @@ def _markdown_header() -> str:
 
 def _markdown_row(r: Row) -> str:
     shape = "x".join(map(str, r.case.shape))
+    mark = "~" if r.noisy else ""
     return (
         f"| {r.case.name} | {shape} | {r.mode} | {r.ours_ms:.3f} | {r.torch_ms:.3f} | {_fmt(r.compile_ms, '.3f')} "
-        f"| {r.vs_torch:.2f}x | {_fmt(r.vs_compile, '.2f')}{'x' if r.vs_compile else ''} | {r.gbps:.1f} "
-        f"| {r.frac_copy:.0%} |"
+        f"| {r.vs_torch:.2f}x{mark} | {_fmt(r.vs_compile, '.2f')}{'x' if r.vs_compile else ''}"
+        f"{mark if r.vs_compile else ''} | {r.gbps:.1f} | {r.frac_copy:.0%} |"
     )
 
 
 def _csv(rows: list[Row]) -> str:
-    lines = ["case,group,shape,channels_last,mode,ours_ms,torch_ms,compile_ms,vs_torch,vs_compile,gbps,frac_copy"]
+    lines = ["case,group,shape,channels_last,mode,ours_ms,torch_ms,compile_ms,vs_torch,vs_compile,gbps,frac_copy,"
+             "spread"]  # fmt: skip
     for r in rows:
         lines.append(
             ",".join(
@@ -449,6 +494,7 @@ def _csv(rows: list[Row]) -> str:
                     _fmt(r.vs_compile, ".3f").replace("-", ""),
                     f"{r.gbps:.2f}",
                     f"{r.frac_copy:.3f}",
+                    f"{r.spread:.3f}",
                 ]
             )
         )
@@ -467,7 +513,8 @@ def _summary(rows: list[Row]) -> list[str]:
         worst = min(fb, key=lambda r: r.vs_torch)
         out.append(
             f"- train fwd+bwd, ResNet-50 set ({len(fb)} cases): geomean {_geomean([r.vs_torch for r in fb]):.2f}x "
-            f"torch eager (target >= 2.5x), lowest {worst.vs_torch:.2f}x ({worst.case.name}; target >= 1.0x)"
+            f"torch eager ({_verdict(_geomean([r.vs_torch for r in fb]), 2.5)}), lowest {worst.vs_torch:.2f}x "
+            f"({worst.case.name}; {_verdict(worst.vs_torch, 1.0)})"
         )
     for mode, target in (("train-fwd", 0.6), ("eval", 0.8)):
         large = [r for r in rows if r.mode == mode and r.case.numel >= LARGE_NUMEL]
@@ -475,13 +522,15 @@ def _summary(rows: list[Row]) -> list[str]:
             fracs = [r.frac_copy for r in large]
             out.append(
                 f"- {mode}, large cases ({len(large)}): {statistics_median(fracs):.0%} of copy bandwidth median, "
-                f"{min(fracs):.0%}-{max(fracs):.0%} range (target >= {target:.0%})"
+                f"{min(fracs):.0%}-{max(fracs):.0%} range (target >= {target:.0%}: "
+                f"{'met' if statistics_median(fracs) >= target else 'not met'})"
             )
     for mode, what in (("fused-relu", "BN+ReLU"), ("fused-add-relu", "BN+add+ReLU")):
         fused = [r for r in rows if r.case.group == "resnet50" and r.mode == mode]
         if fused:
             worst = min(fused, key=lambda r: r.vs_torch)
-            target = f" (target >= {FUSED_RELU_TARGET:g}x)" if mode == "fused-relu" else ""
+            geo = _geomean([r.vs_torch for r in fused])
+            target = f" ({_verdict(geo, FUSED_RELU_TARGET)})" if mode == "fused-relu" else ""
             line = (
                 f"- {what} fwd+bwd, ResNet-50 set ({len(fused)} cases): geomean "
                 f"{_geomean([r.vs_torch for r in fused]):.2f}x torch eager{target}, lowest {worst.vs_torch:.2f}x "
@@ -489,7 +538,8 @@ def _summary(rows: list[Row]) -> list[str]:
             )
             with_compile = [r.vs_compile for r in fused if r.vs_compile is not None]
             if with_compile:
-                line += f"; {_geomean(with_compile):.2f}x torch.compile (target > 1x)"
+                geo_compile = _geomean(with_compile)
+                line += f"; {geo_compile:.2f}x torch.compile (target > 1x: {'met' if geo_compile > 1 else 'not met'})"
             out.append(line)
     compiled = [r for r in rows if r.vs_compile is not None]
     if compiled:
@@ -503,7 +553,8 @@ def _summary(rows: list[Row]) -> list[str]:
         worst = max(small, key=lambda r: r.ours_ms / r.torch_ms)
         out.append(
             f"- small shapes: ours/torch time at most {worst.ours_ms / worst.torch_ms:.2f} "
-            f"({worst.case.name}/{worst.mode}: {worst.ours_ms * 1e3:.0f} vs {worst.torch_ms * 1e3:.0f} us; target <= 2)"
+            f"({worst.case.name}/{worst.mode}: {worst.ours_ms * 1e3:.0f} vs {worst.torch_ms * 1e3:.0f} us; "
+            f"{_verdict(worst.ours_ms / worst.torch_ms, 2, at_least=False).replace('x:', ':')})"
         )
     return out
 
@@ -544,7 +595,7 @@ def memory_report(quick: bool = False) -> list[str]:
     }
     lines = [
         f"### Kept for the backward per block, {'x'.join(map(str, shape))} float32 "
-        "(MB; the producing conv's own share removed; targets: BN+ReLU and memory-efficient <= 55%)",
+        "(MB; the producing conv's own share removed)",
         "",
         "| block | ours | torch eager | ours / torch |",
         "|---|---:|---:|---:|",

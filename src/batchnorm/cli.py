@@ -2,7 +2,9 @@
 
 Each subcommand lives in its own module, which provides ``add_arguments(parser)``
 and ``run(args) -> int``; this file only dispatches, and turns any failure into
-one readable line and a non-zero exit (``BATCHNORM_DEBUG=1`` shows the traceback).
+one readable line and a non-zero exit: 2 for a usage mistake (argparse's, or a
+:class:`UsageError` naming the option), 1 for anything else
+(``BATCHNORM_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import argparse
 import importlib
 import os
 import sys
+
+from .usage import UsageError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -27,8 +31,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="batchnorm", description="Batch normalization for PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"batchnorm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -38,9 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version (0), or a usage mistake, already printed (2)
+        return done.code if isinstance(done.code, int) else 0
+    try:
+        if args.command is None:  # a bare `batchnorm`: what it can do
+            parser.print_help()
+            return 0
         return int(args._run(args) or 0)
+    except UsageError as error:
+        print(f"batchnorm {args.command}: error: {error} (see batchnorm {args.command} --help)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("batchnorm: interrupted", file=sys.stderr)
         return 130

@@ -130,32 +130,34 @@ def one_error_line(capsys) -> str:
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
-    assert lines[0].startswith("batchnorm: error: ")
+    assert lines[0].startswith(("batchnorm: error: ", "batchnorm demo: error: "))
     return lines[0]
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("extra", "code", "message"),
     [
-        (["--steps", "-5"], "mlp-steps must be positive"),
-        (["--sweep-steps", "0"], "sweep-steps must be positive"),
-        (["--lrs", ""], "learning-rate list is empty"),
-        (["--lrs", "0.1,abc"], "--lrs must be comma-separated numbers"),
-        (["--lrs", "0.1,-1"], "learning rates must be positive"),
-        (["--lr", "nan"], "learning rates must be positive"),
-        (["--seeds", "0"], "sweep-seeds must be positive"),
-        (["--steps", "ten"], "invalid int value: 'ten'"),
-        (["--skip", "mlp"], "cannot skip ['mlp']"),
-        (["--data", "imagenet"], "unknown dataset 'imagenet'"),
-        (["--data", "mnist:/does/not/exist"], "dataset folder not found"),
-        (["--threads", "0"], "--threads must be positive"),
-        (["--backend", "cuda-magic"], "unknown batchnorm backend 'cuda-magic'"),
+        (["--steps", "-5"], 2, "--steps must be a positive integer, got -5"),
+        (["--sweep-steps", "0"], 2, "--sweep-steps must be a positive integer"),
+        (["--lrs", ""], 2, "--lrs: the learning-rate list is empty"),
+        (["--lrs", "0.1,abc"], 2, "--lrs must be comma-separated numbers"),
+        (["--lrs", "0.1,-1"], 2, "--lrs: learning rates must be positive"),
+        (["--lr", "nan"], 2, "--lr must be a positive number, got nan"),
+        (["--lr", "abc"], 2, "argument --lr: invalid float value: 'abc'"),
+        (["--seeds", "0"], 2, "--seeds must be a positive integer"),
+        (["--steps", "ten"], 2, "argument --steps: invalid int value: 'ten'"),
+        (["--skip", "mlp"], 2, "--skip: cannot skip ['mlp']"),
+        (["--data", "imagenet"], 2, "--data: unknown dataset 'imagenet'"),
+        (["--data", "mnist:/does/not/exist"], 1, "dataset folder not found"),
+        (["--threads", "0"], 2, "--threads must be a positive integer"),
+        (["--backend", "cuda-magic"], 2, "--backend: unknown batchnorm backend 'cuda-magic'"),
     ],
 )
-def test_bad_options_fail_with_one_line(tmp_path, capsys, extra, message):
+def test_bad_options_fail_with_one_line(tmp_path, capsys, extra, code, message):
     out = tmp_path / "run"
-    assert cli.main(["demo", *TINY, "--out", str(out), *extra]) == 1
-    assert message in one_error_line(capsys)
+    assert cli.main(["demo", *TINY, "--out", str(out), *extra]) == code
+    line = one_error_line(capsys)
+    assert message in line and (code == 1 or line.endswith("(see batchnorm demo --help)")), line
     assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing written, nothing left behind
 
 
@@ -188,8 +190,9 @@ def test_command_line_error_has_no_traceback(tmp_path):
         timeout=120,
         cwd=Path(__file__).parent,
     )
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == ["batchnorm: error: the learning-rate list is empty"]
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "batchnorm demo: error: --lrs: the learning-rate list is empty (see batchnorm demo --help)"]  # fmt: skip
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
@@ -213,3 +216,14 @@ def test_demo_runs_on_local_dataset_files(tmp_path, seed, capsys, kind):
     assert results["dataset"] == {"name": kind, "train": 150, "test": 30 if kind == "cifar10" else 40,
                                   "image_shape": shape, "classes": 10}  # fmt: skip
     assert results["mlp"]["arms"]["bn"]["steps"][-1] == 10 and results["backend"] == "torch"
+
+
+def test_progress_is_a_line_every_few_seconds_when_not_a_terminal(tmp_path, capsys, monkeypatch):
+    from batchnorm.experiments import demo
+
+    monkeypatch.setattr(demo, "PROGRESS_EVERY_S", 0.0)  # every update, for the test
+    args = [a for a in TINY if a != "--no-progress"]
+    assert cli.main(["demo", *args, "--skip", "cnn,sweep", "--out", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and all(line.startswith("MLP, both arms: ") for line in lines)
+    assert lines[-1].startswith("MLP, both arms: 80/80 steps (100%)")

@@ -37,8 +37,9 @@ class Dataset:
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
 
 
-def load(spec: str) -> Dataset:
-    """``digits`` (embedded), or ``mnist:DIR``, ``fashion-mnist:DIR``, ``cifar10:DIR``."""
+def parse_spec(spec: str) -> tuple[str, Path | None]:
+    """``(name, folder)`` of ``digits`` or ``mnist:DIR`` / ``fashion-mnist:DIR`` / ``cifar10:DIR``;
+    raises ``ValueError`` for a spec that names no dataset (the folder is not looked at)."""
     name, _, folder = spec.partition(":")
     name = name.strip().lower()
     if name not in DATASETS:
@@ -46,10 +47,17 @@ def load(spec: str) -> Dataset:
     if name == "digits":
         if folder:
             raise ValueError("the digits dataset is embedded; it takes no folder")
-        return load_digits()
+        return name, None
     if not folder:
         raise ValueError(f"dataset {name} needs a folder: --data {name}:DIR")
-    path = Path(folder).expanduser()
+    return name, Path(folder).expanduser()
+
+
+def load(spec: str) -> Dataset:
+    """``digits`` (embedded), or ``mnist:DIR``, ``fashion-mnist:DIR``, ``cifar10:DIR``."""
+    name, path = parse_spec(spec)
+    if path is None:
+        return load_digits()
     if not path.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {path}")
     return load_cifar10(path) if name == "cifar10" else load_mnist(path, name)

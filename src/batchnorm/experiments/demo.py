@@ -19,12 +19,13 @@ from typing import Any
 __all__ = ["add_arguments", "run"]
 
 
-def _raise(message: str) -> None:
-    raise ValueError(message)
+def _usage_error(message: str) -> None:
+    from batchnorm.usage import UsageError
+
+    raise UsageError(message)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.error = _raise  # type: ignore[method-assign]  # one error line (via the CLI), not usage + error
     parser.add_argument("--data", default="digits", metavar="SPEC",
                         help="digits (embedded, default), mnist:DIR, fashion-mnist:DIR or cifar10:DIR")  # fmt: skip
     parser.add_argument("--out", default="batchnorm-demo", metavar="DIR",
@@ -45,38 +46,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: 1 for digits' tiny networks, else torch's)")  # fmt: skip
     parser.add_argument("--backend", metavar="NAME",
                         help="force a batchnorm backend (torch: no JIT compiling); default: automatic")  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress (default: bars on a terminal, else a line every few seconds)")  # fmt: skip
+
+
+# option -> the Config field it sets
+_FIELDS = {"steps": "mlp_steps", "lr": "mlp_lr", "cnn_steps": "cnn_steps", "cnn_lr": "cnn_lr",
+           "seeds": "sweep_seeds", "sweep_steps": "sweep_steps", "init_std": "init_std"}  # fmt: skip
+_POSITIVE_INTS = ("steps", "cnn_steps", "seeds", "sweep_steps", "threads")
+_POSITIVE_NUMBERS = ("lr", "cnn_lr", "init_std")
 
 
 def _config(args: argparse.Namespace) -> Any:
+    """The experiment's Config from the options; a bad value is a usage error naming its option."""
+    import math
+
     from .experiment import Config
 
+    for option in _POSITIVE_INTS:
+        value = getattr(args, option)
+        if value is not None and value <= 0:
+            _usage_error(f"--{option.replace('_', '-')} must be a positive integer, got {value}")
+    for option in _POSITIVE_NUMBERS:
+        value = getattr(args, option)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            _usage_error(f"--{option.replace('_', '-')} must be a positive number, got {value}")
     overrides: dict[str, Any] = {"seed": args.seed}
-    fields = {"steps": "mlp_steps", "lr": "mlp_lr", "cnn_steps": "cnn_steps", "cnn_lr": "cnn_lr",
-              "seeds": "sweep_seeds", "sweep_steps": "sweep_steps", "init_std": "init_std"}  # fmt: skip
-    for option, field in fields.items():
+    for option, field in _FIELDS.items():
         value = getattr(args, option)
         if value is not None:
             overrides[field] = value
     if args.lrs is not None:
         try:
-            overrides["sweep_lrs"] = tuple(float(v) for v in args.lrs.split(",") if v.strip())
+            rates = tuple(float(v) for v in args.lrs.split(",") if v.strip())
         except ValueError:
-            raise ValueError(f"--lrs must be comma-separated numbers, got {args.lrs!r}") from None
+            _usage_error(f"--lrs must be comma-separated numbers, got {args.lrs!r}")
+        if not rates:
+            _usage_error("--lrs: the learning-rate list is empty")
+        if not all(math.isfinite(lr) and lr > 0 for lr in rates):
+            _usage_error(f"--lrs: learning rates must be positive numbers, got {args.lrs!r}")
+        overrides["sweep_lrs"] = rates
     overrides["skip"] = tuple(p.strip() for p in args.skip.split(",") if p.strip())
+    unknown = sorted(set(overrides["skip"]) - {"cnn", "sweep"})
+    if unknown:
+        _usage_error(f"--skip: cannot skip {unknown}; only 'cnn' and 'sweep'")
     cfg = Config.quick(**overrides) if args.quick else Config(**overrides)
     cfg.validate()
-    if args.threads is not None and args.threads <= 0:
-        raise ValueError(f"--threads must be positive, got {args.threads}")
     return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    from . import datasets
+
+    try:
+        datasets.parse_spec(args.data)
+    except ValueError as error:
+        _usage_error(f"--data: {error}")
     if args.backend is not None:
         from batchnorm.kernels import get
 
-        get(args.backend)  # unknown or unavailable: fail now
+        try:
+            get(args.backend)  # unknown or unavailable: fail now
+        except (ValueError, RuntimeError) as error:
+            _usage_error(f"--backend: {error}")
     from batchnorm.run_folder import RunFolder
 
     from . import report
@@ -90,8 +123,6 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         import batchnorm
-
-        from . import datasets
 
         data = datasets.load(args.data)  # missing / corrupt files fail here, before any training
 
@@ -122,13 +153,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _progress_bars(cfg: Any, disabled: bool):
-    """A factory of tqdm bars on stderr, one per part, each closed when the next begins."""
-    if disabled or (not sys.stderr.isatty() and not os.environ.get("BATCHNORM_PROGRESS")):
+    """A factory of progress reporters on stderr, one per part: tqdm bars on a terminal, else a
+    line every few seconds (so a log or CI shows the run is alive); ``None`` with --no-progress."""
+    if disabled:
         return None
-    from tqdm import tqdm
-
     titles = {"mlp": "MLP, both arms", "cnn": "CNN, both arms", "sweep": "LR sweep"}
     work = cfg.work()
+    if not sys.stderr.isatty():
+        return _progress_lines(titles, work)
+    from tqdm import tqdm
+
     current: list[Any] = []
 
     def factory(part: str):
@@ -142,6 +176,27 @@ def _progress_bars(cfg: Any, disabled: bool):
             bar.update(n)
             if bar.n >= bar.total:
                 bar.close()
+
+        return update
+
+    return factory
+
+
+PROGRESS_EVERY_S = 5.0
+
+
+def _progress_lines(titles: dict[str, str], work: dict[str, int]):
+    def factory(part: str):
+        done, started, last = 0, time.perf_counter(), [time.perf_counter()]
+
+        def update(n: int) -> None:
+            nonlocal done
+            done += n
+            now = time.perf_counter()
+            if now - last[0] >= PROGRESS_EVERY_S or done >= work[part]:
+                last[0] = now
+                print(f"{titles[part]}: {done}/{work[part]} steps ({done / work[part]:.0%}), {now - started:.0f} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
 
         return update
 
