@@ -11,7 +11,6 @@ writable, before any training starts. The run is staged and moved into
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Any
