@@ -10,8 +10,10 @@ Two machines, two processes each (run on both; HOST is the first machine)::
     torchrun --nnodes=2 --nproc_per_node=2 --rdzv_backend=c10d \\
         --rdzv_endpoint=HOST:29500 --rdzv_id=digits examples/ddp_train.py
 
-The batch-norm statistics are those of the global batch (every rank's share),
-so the result does not depend on how many processes split it.
+Every process count sees the same global batches in the same order (each rank
+takes its share of each), and the batch-norm statistics are those of the global
+batch, so 1, 2 or 4 processes train the same model, up to floating-point
+rounding (the sums over ranks are added in another order).
 """
 
 from __future__ import annotations
@@ -69,8 +71,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="global batch, split over the ranks")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save", default="", help="write the trained model here, with plain torch.nn.BatchNorm2d")
+    parser.add_argument("--save", default="", metavar="FILE",
+                        help="write the trained model's state_dict here (torch.save), with the keys of plain "
+                        "torch.nn.BatchNorm2d layers")  # fmt: skip
     args = parser.parse_args()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        parser.exit(2, "ddp_train.py starts one process per rank under torchrun; run it as\n"
+                       "  torchrun --standalone --nproc_per_node=2 examples/ddp_train.py\n")  # fmt: skip
 
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")  # rank, world size, address: from torchrun
@@ -114,7 +121,7 @@ def main() -> None:
     if args.save and rank == 0:
         plain = batchnorm.convert(model.cpu(), to="torch")  # SyncBatchNorm -> torch.nn.BatchNorm2d
         torch.save(plain.state_dict(), args.save)
-        print(f"saved {args.save}")
+        print(f"saved the model's state_dict to {args.save}")
     dist.destroy_process_group()
 
 
