@@ -293,8 +293,11 @@ def _compare(name: str, g: Tensor, g_shift: Tensor) -> LayerICS:
     return LayerICS(name, norm, norm_shift, (g - g_shift).norm().item(), cosine)
 
 
-def plot_percentiles(recorder: InputRecorder, name: str, ax: Any = None, *, label: str = "", color: Any = None):
-    """Draw the recorded percentiles of ``name``'s tracked unit against the step.
+def plot_percentiles(
+    recorder: InputRecorder, name: str, ax: Any = None, *, label: str = "", color: Any = None, after: int | None = None
+):
+    """Draw the recorded percentiles of ``name``'s tracked unit against the step (records after
+    step ``after`` only, if given).
 
     The middle percentile is a line, the outer ones a band. Returns the axes.
     """
@@ -302,16 +305,18 @@ def plot_percentiles(recorder: InputRecorder, name: str, ax: Any = None, *, labe
 
     ax = ax if ax is not None else plt.gca()
     h = recorder.history[name]
-    if not h.steps:
+    keep = [i for i, step in enumerate(h.steps) if after is None or step > after]
+    if not keep:
         return ax
-    p = np.stack(h.percentiles)  # R,P
+    steps = [h.steps[i] for i in keep]
+    p = np.stack([h.percentiles[i] for i in keep])  # R,P
     mid = p.shape[1] // 2
     names = "/".join(f"{q:g}" for q in recorder.percentiles)
-    (line,) = ax.plot(h.steps, p[:, mid], color=color, label=f"{label} {names}th pct".strip())
+    (line,) = ax.plot(steps, p[:, mid], color=color, label=f"{label} {names}th pct".strip())
     for lo in range(mid):
-        ax.fill_between(h.steps, p[:, lo], p[:, -1 - lo], color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.plot(h.steps, p[:, lo], color=line.get_color(), linewidth=0.6)
-        ax.plot(h.steps, p[:, -1 - lo], color=line.get_color(), linewidth=0.6)
+        ax.fill_between(steps, p[:, lo], p[:, -1 - lo], color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.plot(steps, p[:, lo], color=line.get_color(), linewidth=0.6)
+        ax.plot(steps, p[:, -1 - lo], color=line.get_color(), linewidth=0.6)
     ax.set_xlabel("step")
     ax.set_ylabel(f"input to {name} (unit {recorder.units[name]})")
     return ax

@@ -54,7 +54,7 @@ def test_run_folder_is_complete(tiny_run, capsys):
     assert inference["folded_same_predictions"] is True and inference["folded_max_abs_logit_diff"] < 1e-3
     assert inference["single_image_batch_stats_distinct_predictions"] == 1  # BN on one image: output = shift
     ics = results["mlp"]["arms"]["plain"]["ics"]["layers"]
-    assert list(ics) == ["layer1", "layer2", "layer3", "layer4"] and ics["layer1"]["diff_norm"][0] == 0.0
+    assert list(ics) == ["hidden1", "hidden2", "hidden3", "output"] and ics["hidden1"]["diff_norm"][0] == 0.0
     page = (tiny_run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 9 and "What this run shows" in page
     assert not list(tiny_run.glob(".*"))  # no staging folder left behind

@@ -38,8 +38,12 @@ def test_mlp_arms_share_their_initialization(seed):
     norms = [m for m in bn.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert len(norms) == 2 and all(type(m) is batchnorm.BatchNorm1d for m in norms)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in plain.modules())
-    assert list(models.activation_modules(bn)) == ["act1", "act2"]
-    assert list(models.weight_layers(bn)) == ["layer1", "layer2", "layer3"]
+    # one name per layer: a layer's nonlinearity is named after it
+    assert list(models.activation_modules(bn)) == ["hidden1", "hidden2"]
+    assert list(models.weight_layers(bn)) == ["hidden1", "hidden2", "output"]
+    cnn = models.cnn((1, 8, 8), 10, bn=True, seed=seed)
+    assert list(models.activation_modules(cnn)) == ["conv1", "conv2", "conv3"]
+    assert list(models.weight_layers(cnn)) == ["conv1", "conv2", "conv3", "output"]
     other = models.mlp(12, 3, bn=False, hidden=(7, 5), init_std=0.3, seed=seed + 1)
     assert not torch.equal(other[1].weight, plain[1].weight)
 

@@ -59,11 +59,12 @@ class Config:
     probe_size: int = 1000  # test images behind each percentile record
     single_limit: int = 2000  # test images predicted one at a time
     skip: tuple[str, ...] = field(default_factory=tuple)  # parts to leave out: "cnn", "sweep"
+    smoke_run: bool = False  # --quick: too short for conclusions
 
     @classmethod
     def quick(cls, **overrides: Any) -> Config:
         base = dict(mlp_steps=150, cnn_steps=80, eval_every=25, ics_points=4, sweep_lrs=(0.1, 1.0, 3.0, 10.0, 100.0),
-                    sweep_seeds=2, sweep_steps=150, sweep_eval_every=25, single_limit=100)  # fmt: skip
+                    sweep_seeds=2, sweep_steps=150, sweep_eval_every=25, single_limit=100, smoke_run=True)  # fmt: skip
         base.update(overrides)
         return cls(**base)
 
@@ -303,7 +304,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             s["final_test_acc"] = r["final_test_acc"]
             s["diverged_at"] = r["diverged_at"]
             inf = r.get("inference", {})
-            for key in ("single_image_acc_batch_stats", "single_image_acc_population", "folded_same_predictions"):
+            for key in ("single_image_acc_batch_stats", "single_image_acc_population", "folded_same_predictions",
+                        "single_image_count"):  # fmt: skip
                 if key in inf:
                     s[key] = inf[key]
             layers = r["ics"]["layers"]
@@ -319,7 +321,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             s["last_hidden_median_range"] = _range(pct[:, 1])
             s["last_hidden_median_range_second_half"] = _range(half[:, 1])
             drift = r["inputs"]["layers"][last]["drift_mean_shift"]
-            s["last_hidden_mean_drift_total"] = float(np.sum(drift))
+            # None where there is nothing to sum (a diverged run, one record): never a misleading 0
+            s["last_hidden_mean_drift_total"] = float(np.sum(drift)) if len(drift) > 1 and np.all(
+                np.isfinite(drift)) else None  # fmt: skip
     if "sweep" in results:
         for arm, r in results["sweep"]["arms"].items():
             s = summary.setdefault("sweep", {}).setdefault(arm, {})

@@ -87,16 +87,19 @@ def cnn(
         torch.random.set_rng_state(g_state)
 
 
-def activation_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The nonlinearities, named ``act1, act2, ...``: their inputs are what the paper plots."""
-    acts = [m for m in model.modules() if isinstance(m, (nn.Sigmoid, nn.ReLU))]
-    return {f"act{k + 1}": m for k, m in enumerate(acts)}
-
-
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The Linear/Conv layers, named ``layer1, layer2, ...`` (for the gradient ICS)."""
+    """The Linear/Conv layers by name (for the gradient ICS): ``hidden1, hidden2, ...`` (MLP) or
+    ``conv1, conv2, ...`` (CNN), and ``output`` for the classifier. One name per layer everywhere."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    return {f"layer{k + 1}": m for k, m in enumerate(layers)}
+    names = [f"{'conv' if isinstance(m, nn.Conv2d) else 'hidden'}{k + 1}" for k, m in enumerate(layers[:-1])]
+    return dict(zip([*names, "output"], layers, strict=True))
+
+
+def activation_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The nonlinearities, named after the layer they belong to (``hidden1``, ``conv1``, ...):
+    their inputs are what the paper plots."""
+    acts = [m for m in model.modules() if isinstance(m, (nn.Sigmoid, nn.ReLU))]
+    return dict(zip(list(weight_layers(model))[: len(acts)], acts, strict=True))
 
 
 class MLPEnsemble(nn.Module):

@@ -73,7 +73,7 @@ def write_figures(results: dict[str, Any], recorders: dict[str, dict[str, InputR
 
 def _save(plt: Any, fig: Any, path: Path) -> str:
     # fixed margins: tight_layout measures every label and costs seconds per figure on a slow CPU
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.88, wspace=0.25, hspace=0.25)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path.name
@@ -83,10 +83,19 @@ def _title(part: str) -> str:
     return "MLP (3x100 sigmoid)" if part == "mlp" else "CNN (3 conv, ReLU)"
 
 
+def _after_start(arm: str, steps: list[int], values: list[Any]) -> tuple[list[int], list[Any]]:
+    """With BN, the evaluation at step 0 used running statistics no batch had estimated yet (0 and
+    1): it says nothing about the network, so the curves start at the next evaluation."""
+    if arm != "bn":
+        return steps, values
+    keep = [i for i, step in enumerate(steps) if step > 0]
+    return [steps[i] for i in keep], [values[i] for i in keep]
+
+
 def _curves(plt: Any, r: dict[str, Any], part: str) -> Any:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
     for arm, a in r["arms"].items():
-        ax_acc.plot(a["steps"], a["test_acc"], color=COLORS[arm], label=LABELS[arm])
+        ax_acc.plot(*_after_start(arm, a["steps"], a["test_acc"]), color=COLORS[arm], label=LABELS[arm])
         loss = [np.nan if v is None else v for v in a["train_loss"]]
         ax_loss.plot(a["steps"], loss, color=COLORS[arm], label=LABELS[arm])
         if a["diverged_at"] is not None:
@@ -100,10 +109,13 @@ def _curves(plt: Any, r: dict[str, Any], part: str) -> Any:
 
 def _percentiles(plt: Any, r: dict[str, Any], recs: dict[str, InputRecorder], part: str) -> Any:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    what = "one sigmoid of the last hidden layer" if part == "mlp" else "one channel of the last conv layer"
     for ax, (arm, a) in zip(axes, r["arms"].items(), strict=True):
         last = a["inputs"]["last_hidden"]
-        plot_percentiles(recs[arm], last, ax, label=LABELS[arm], color=COLORS[arm])
-        ax.set_title(f"{LABELS[arm]}: input to one unit of the last hidden layer")
+        plot_percentiles(recs[arm], last, ax, label=LABELS[arm], color=COLORS[arm], after=0 if arm == "bn" else None)
+        ax.set_title(f"{LABELS[arm]}\ninput to {what} ({last})", fontsize=10)
+        if a["diverged_at"] is not None:
+            ax.axvline(a["diverged_at"], color=COLORS[arm], linestyle=":", label=f"diverged at step {a['diverged_at']}")
         ax.legend(loc="best")
     return fig
 
@@ -114,9 +126,13 @@ def _drift(plt: Any, recs: dict[str, InputRecorder], part: str) -> Any:
     for ax, name in zip(axes[0], layers, strict=True):
         for arm, rec in recs.items():
             d = rec.drift(name)
-            steps = d["steps"][1:]
+            first = 2 if arm == "bn" else 1  # with BN, the step-0 record used untrained running statistics
+            steps = d["steps"][first:]
+            if len(steps) == 0:
+                continue
             for key, style, what in (("mean_shift", "-", "mean"), ("std_shift", "--", "std")):
-                ax.plot(steps, _smooth(d[key][1:]), color=COLORS[arm], linestyle=style, label=f"{LABELS[arm]}: {what}")
+                ax.plot(steps, _smooth(d[key][first:]), color=COLORS[arm], linestyle=style,
+                        label=f"{LABELS[arm]}: {what}")  # fmt: skip
         ax.set(xlabel="step", yscale="log", title=f"input of {name}: change per record")
     axes[0][0].set_ylabel("RMS change over features (5-record mean)")
     axes[0][0].legend(fontsize=7)
@@ -133,18 +149,28 @@ def _smooth(values: np.ndarray, width: int = 5) -> np.ndarray:
 
 
 def _ics(plt: Any, r: dict[str, Any], part: str) -> Any:
-    fig, (ax_diff, ax_cos) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for arm, a in r["arms"].items():
-        steps = a["ics"]["steps"]
-        layers = list(a["ics"]["layers"].items())[1:]  # the first layer has no upstream: G' = G
-        for k, (name, v) in enumerate(layers):
-            style = dict(color=COLORS[arm], alpha=1.0 - 0.25 * k, marker="o^sDv"[k % 5], markersize=3)
+    """One column per layer (the first has nothing upstream: G' = G), with and without BN in the
+    same panel: the relative change of the gradient on top, its direction below."""
+    names = [n for n in next(iter(r["arms"].values()))["ics"]["layers"]][1:]
+    fig, axes = plt.subplots(2, max(len(names), 1), figsize=(3.4 * max(len(names), 1), 5.2), sharex=True,
+                             squeeze=False)  # fmt: skip
+    for col, name in enumerate(names):
+        ax_diff, ax_cos = axes[0][col], axes[1][col]
+        for arm, a in r["arms"].items():
+            v = a["ics"]["layers"].get(name)
+            if v is None or not a["ics"]["steps"]:
+                continue
+            steps = a["ics"]["steps"]
             rel = np.asarray(v["diff_norm"], float) / np.maximum(np.asarray(v["grad_norm"], float), 1e-30)
-            ax_diff.plot(steps, rel, label=f"{LABELS[arm]} {name}", **style)
-            ax_cos.plot(steps, np.asarray(v["cosine"], float), label=f"{LABELS[arm]} {name}", **style)
-    ax_diff.set(xlabel="step", ylabel="||G - G'|| / ||G||", yscale="log", title="gradient ICS (Santurkar et al.)")
-    ax_cos.set(xlabel="step", ylabel="cos(G, G')", title="gradient ICS: direction")
-    ax_diff.legend(fontsize=7)
+            ax_diff.plot(steps, rel, color=COLORS[arm], marker="o", markersize=3, label=LABELS[arm])
+            ax_cos.plot(steps, np.asarray(v["cosine"], float), color=COLORS[arm], marker="o", markersize=3,
+                        label=LABELS[arm])  # fmt: skip
+        ax_diff.set(yscale="log", title=f"{name}")
+        ax_cos.set(xlabel="step", ylim=(-1.05, 1.05))
+    axes[0][0].set_ylabel("||G - G'|| / ||G||")
+    axes[1][0].set_ylabel("cos(G, G')")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Gradient ICS (Santurkar et al. 2018): how much the earlier layers' step changes each gradient")
     return fig
 
 
@@ -191,8 +217,12 @@ def _sweep(plt: Any, sweep: dict[str, Any], target: float) -> Any:
 # --- words ----------------------------------------------------------------------
 
 
-def _steps(v: Any, budget: int) -> str:
-    return f"at step {v}" if v is not None else f"not within {budget} steps"
+def _steps(v: Any, budget: int, first_eval: int, diverged_at: Any = None) -> str:
+    if diverged_at is not None and v is None:
+        return f"never (diverged at step {diverged_at})"
+    if v is None:
+        return f"not within {budget} steps"
+    return f"at step {v}" + (", the first evaluation" if v == first_eval else "")
 
 
 def _span(r: Any) -> str:
@@ -203,14 +233,38 @@ def _pct(v: Any) -> str:
     return "-" if v is None else f"{v:.1%}"
 
 
-def _lr_range(rng: Any) -> str:
-    return "none" if not rng else f"{rng[0]:g} to {rng[1]:g}"
+def _lr(lr: float, tried: list[float]) -> str:
+    """A learning rate, saying so where it is an end of the grid tried (the window may go on)."""
+    if len(tried) > 1 and lr == min(tried):
+        return f"{lr:g} (the lowest rate tried)"
+    if len(tried) > 1 and lr == max(tried):
+        return f"{lr:g} (the highest rate tried)"
+    return f"{lr:g}"
+
+
+def _lr_range(rng: Any, tried: list[float] | None = None) -> str:
+    if not rng:
+        return "none"
+    tried = tried or []
+    return f"{_lr(rng[0], tried)} to {_lr(rng[1], tried)}"
+
+
+ICS_MEANING = (
+    "The lecture says batch norm helps by reducing internal covariate shift. Measured as Santurkar et al. "
+    "(2018) measure it, the change of a layer's gradient when the layers before it take their step, it is not "
+    "smaller with batch norm here, yet the network with batch norm trains faster: as they concluded, batch "
+    "norm's benefit is not explained by less covariate shift (they show it makes the loss smoother instead)."
+)
 
 
 def findings(results: dict[str, Any]) -> list[str]:
     """What this run showed, one sentence per claim, from the numbers alone."""
     out = []
-    s, target = results["summary"], results["config"]["target"]
+    cfg = results["config"]
+    s, target = results["summary"], cfg["target"]
+    first_eval = cfg["eval_every"]
+    if cfg.get("smoke_run"):
+        out.append("A smoke run (--quick): too few steps, rates and seeds for conclusions; run without --quick.")
     for part in ("mlp", "cnn"):
         if part not in s:
             continue
@@ -219,36 +273,43 @@ def findings(results: dict[str, Any]) -> list[str]:
         steps = r["steps"]
         out.append(
             f"{_title(part)}, lr {r['lr']:g}: {target:.0%} test accuracy reached "
-            + f"{_steps(b['steps_to_target'], steps)} with BN, {_steps(p['steps_to_target'], steps)} without; "
-            + f"final accuracy {_pct(b['final_test_acc'])} vs {_pct(p['final_test_acc'])}."
+            + f"{_steps(b['steps_to_target'], steps, first_eval, b['diverged_at'])} with BN, "
+            + f"{_steps(p['steps_to_target'], steps, first_eval, p['diverged_at'])} without; final accuracy "
+            + f"{_final(b)} vs {_final(p)}."
         )
-        out.append(
-            f"{_title(part)}: after step 0, the median input of the tracked last-hidden-layer unit moved over "
-            f"{_span(p['last_hidden_median_range'])} without BN and {_span(b['last_hidden_median_range'])} with BN; "
-            f"over the second half of training {_span(p['last_hidden_median_range_second_half'])} vs "
-            f"{_span(b['last_hidden_median_range_second_half'])}. Summed record-to-record drift of that layer's "
-            f"per-feature input means: {p['last_hidden_mean_drift_total']:.2f} without BN, "
-            f"{b['last_hidden_mean_drift_total']:.2f} with BN."
-        )
-        rel_p, rel_b = p["ics_mean_relative_diff"], b["ics_mean_relative_diff"]
-        layers = list(rel_p)[1:]  # the first layer has nothing upstream
-        ratios = [rel_b[n] / rel_p[n] if rel_p[n] > 0 else math.inf for n in layers]
-        if all(r < 0.8 for r in ratios):
-            verdict = "lower with BN in every layer"
-        elif all(r > 1.25 for r in ratios):
-            verdict = "higher with BN in every layer"
-        else:
-            verdict = "not consistently lower with BN"
-        out.append(
-            f"{_title(part)}: gradient ICS ||G - G'||/||G|| (mean over measured steps) per layer, without BN "
-            + ", ".join(f"{n} {rel_p[n]:.3g}" for n in layers)
-            + "; with BN "
-            + ", ".join(f"{n} {rel_b[n]:.3g}" for n in layers)
-            + f": {verdict} (Santurkar et al. 2018 report that BN does not reduce this measure)."
-        )
-        if "single_image_acc_batch_stats" in b:
+        if p["diverged_at"] is None and b["diverged_at"] is None:
+            drift = [("-" if x["last_hidden_mean_drift_total"] is None else f"{x['last_hidden_mean_drift_total']:.2f}")
+                     for x in (p, b)]  # fmt: skip
             out.append(
-                f"{_title(part)} with BN, predicting one test image at a time: "
+                f"{_title(part)}: after step 0, the median input of the tracked {_tracked(part)} moved over "
+                f"{_span(p['last_hidden_median_range'])} without BN and {_span(b['last_hidden_median_range'])} with "
+                f"BN; over the second half of training {_span(p['last_hidden_median_range_second_half'])} vs "
+                f"{_span(b['last_hidden_median_range_second_half'])}. Summed record-to-record drift of that layer's "
+                f"per-feature input means: {drift[0]} without BN, {drift[1]} with BN."
+            )
+        rel_p, rel_b = p["ics_mean_relative_diff"], b["ics_mean_relative_diff"]
+        layers = [n for n in list(rel_p)[1:] if n in rel_b]  # the first layer has nothing upstream
+        if layers:
+            ratios = [rel_b[n] / rel_p[n] if rel_p[n] > 0 else math.inf for n in layers]
+            if all(r < 0.8 for r in ratios):
+                verdict = "lower with BN in every layer"
+            elif all(r > 1.25 for r in ratios):
+                verdict = "higher with BN in every layer"
+            else:
+                verdict = "not consistently lower with BN"
+            out.append(
+                f"{_title(part)}: gradient ICS ||G - G'||/||G|| (mean over measured steps) per layer, without BN "
+                + ", ".join(f"{n} {rel_p[n]:.3g}" for n in layers)
+                + "; with BN "
+                + ", ".join(f"{n} {rel_b[n]:.3g}" for n in layers)
+                + f": {verdict} (Santurkar et al. 2018 report that BN does not reduce this measure)."
+            )
+        if "single_image_acc_batch_stats" in b:
+            count = b.get("single_image_count")
+            which = f"the first {count} test images" if count and count < results["dataset"]["test"] else (
+                "every test image")  # fmt: skip
+            out.append(
+                f"{_title(part)} with BN, predicting one image at a time ({which}): "
                 + f"{_pct(b['single_image_acc_batch_stats'])} with batch statistics, "
                 + f"{_pct(b['single_image_acc_population'])} with population statistics; "
                 + f"folded multiply-add gives {'the same' if b['folded_same_predictions'] else 'DIFFERENT'} "
@@ -256,76 +317,82 @@ def findings(results: dict[str, Any]) -> list[str]:
             )
     if "sweep" in s:
         sw = results["sweep"]
+        tried = [float(lr) for lr in sw["lrs"]]
         out.append(
             f"LR sweep ({len(sw['lrs'])} rates, {len(sw['seeds'])} seeds, {sw['steps']} steps; 'trains' = every seed "
-            f"reaches {target:.0%}): with BN trains at lr {_lr_range(s['sweep']['bn']['trains_lr_range'])}, "
-            f"without BN at lr {_lr_range(s['sweep']['plain']['trains_lr_range'])}."
+            f"reaches {target:.0%}): with BN trains at lr {_lr_range(s['sweep']['bn']['trains_lr_range'], tried)}, "
+            f"without BN at lr {_lr_range(s['sweep']['plain']['trains_lr_range'], tried)}."
         )
         fast = {arm: s["sweep"][arm]["fastest"] for arm in ("plain", "bn")}
+
+        def fastest(f: Any) -> str:
+            return "never" if not f else f"{f['median_steps_to_target']:g} steps at lr {_lr(f['lr'], tried)}"
+
         out.append(
-            "Each arm at its own best learning rate (median steps to "
-            f"{target:.0%} over seeds): with BN "
-            + (f"{fast['bn']['median_steps_to_target']:g} steps at lr {fast['bn']['lr']:g}" if fast["bn"] else "never")
-            + ", without BN "
-            + (
-                f"{fast['plain']['median_steps_to_target']:g} steps at lr {fast['plain']['lr']:g}"
-                if fast["plain"]
-                else "never"
-            )
-            + "."
+            f"Each arm at its own best learning rate (median steps to {target:.0%} over seeds): with BN "
+            f"{fastest(fast['bn'])}, without BN {fastest(fast['plain'])}."
         )
     return out
 
 
-def summary_table(results: dict[str, Any]) -> list[str]:
-    """The terminal summary: a small fixed-width table, then the findings."""
+def _final(arm: dict[str, Any]) -> str:
+    return f"diverged at step {arm['diverged_at']}" if arm["diverged_at"] is not None else _pct(arm["final_test_acc"])
+
+
+def _tracked(part: str) -> str:
+    return "sigmoid of the last hidden layer" if part == "mlp" else "channel of the last conv layer"
+
+
+def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The key numbers: ``(what, without BN, with BN)`` rows, for the terminal and the report."""
     s, target = results["summary"], results["config"]["target"]
-    lines = [f"{'':24}{'without BN':>14}{'with BN':>14}"]
+    rows = []
     for part in ("mlp", "cnn"):
         if part not in s:
             continue
         p, b = s[part]["plain"], s[part]["bn"]
         steps = results[part]["steps"]
 
-        def fmt(v: Any, steps: int = steps) -> str:
-            return str(v) if v is not None else f">{steps}"
+        def reached(arm: dict[str, Any], steps: int = steps) -> str:
+            if arm["steps_to_target"] is not None:
+                return str(arm["steps_to_target"])
+            return f"diverged at {arm['diverged_at']}" if arm["diverged_at"] is not None else f">{steps}"
 
-        lines.append(
-            f"{part.upper() + f' steps to {target:.0%}':24}"
-            f"{fmt(p['steps_to_target']):>14}{fmt(b['steps_to_target']):>14}"
-        )
-        lines.append(
-            f"{part.upper() + ' final test acc':24}{_pct(p['final_test_acc']):>14}{_pct(b['final_test_acc']):>14}"
-        )
+        rows.append((f"{part.upper()} steps to {target:.0%}", reached(p), reached(b)))
+        rows.append((f"{part.upper()} final test acc", _final(p), _final(b)))
         if "single_image_acc_batch_stats" in b:
-            lines.append(
-                f"{part.upper() + ' 1-image, batch stats':24}{'':>14}{_pct(b['single_image_acc_batch_stats']):>14}"
-            )
-            lines.append(
-                f"{part.upper() + ' 1-image, population':24}{'':>14}{_pct(b['single_image_acc_population']):>14}"
-            )
+            rows.append((f"{part.upper()} 1-image, batch stats", "", _pct(b["single_image_acc_batch_stats"])))
+            rows.append((f"{part.upper()} 1-image, population", "", _pct(b["single_image_acc_population"])))
     if "sweep" in s:
-        lines.append(
-            f"{'LR range that trains':24}{_lr_range(s['sweep']['plain']['trains_lr_range']):>14}"
-            f"{_lr_range(s['sweep']['bn']['trains_lr_range']):>14}"
-        )
-    return lines
+        rows.append(("LR range that trains", _lr_range(s["sweep"]["plain"]["trains_lr_range"]),
+                     _lr_range(s["sweep"]["bn"]["trains_lr_range"])))  # fmt: skip
+    return rows
+
+
+def summary_table(results: dict[str, Any]) -> list[str]:
+    """The terminal summary: a small fixed-width table."""
+    rows = [("", "without BN", "with BN"), *summary_rows(results)]
+    return [f"{what:24}{plain:>16}{bn:>16}" for what, plain, bn in rows]
 
 
 # --- HTML -----------------------------------------------------------------------
 
 _CAPTIONS = {
-    "mlp_curves.png": "Test accuracy (population statistics) and training loss of the paper's MLP, same init.",
+    "mlp_curves.png": "Test accuracy (population statistics) and training loss of the paper's MLP, same init. With "
+    "BN the accuracy curve starts at the first evaluation after step 0: at step 0 its running statistics are still "
+    "their initial 0 and 1.",
     "mlp_percentiles.png": "15th/50th/85th percentiles of the input to one sigmoid of the last hidden layer, on test "
     "images in eval mode, over training (the paper's Figure 1 b, c).",
     "mlp_drift.png": "How much each hidden layer's input distribution moved between consecutive records: RMS over "
     "features of the change of the per-feature mean (solid) and std (dashed).",
-    "mlp_ics.png": "Gradient ICS (Santurkar et al. 2018, Def. 2.1): change of each layer's weight gradient on the same "
-    "batch when the layers before it take their step, relative to its size, and the cosine between the two.",
-    "cnn_curves.png": "The small CNN (per-channel BN, ReLU): test accuracy and training loss.",
+    "mlp_ics.png": "Gradient ICS (Santurkar et al. 2018, Def. 2.1), one column per layer: the change of the layer's "
+    "weight gradient G on the same batch when the layers before it take their step (G'), relative to its size "
+    "(top), and the cosine between the two (bottom).",
+    "cnn_curves.png": "The small CNN (per-channel BN, ReLU): test accuracy and training loss (with BN from the first "
+    "evaluation after step 0).",
     "cnn_percentiles.png": "Percentiles of the input to one ReLU channel of the last conv layer (all positions).",
     "cnn_drift.png": "CNN: change of each conv layer's output (ReLU input) distribution between records.",
-    "cnn_ics.png": "CNN: gradient ICS per layer.",
+    "cnn_ics.png": "CNN: gradient ICS, one column per layer, as for the MLP.",
     "lr_sweep.png": "Learning-rate sweep of the MLP over several seeds: final accuracy and steps to the target. A run "
     "whose loss became non-finite (or above 1e4) is marked diverged; one stuck at chance is not.",
 }
@@ -334,10 +401,7 @@ _CAPTIONS = {
 def write_html(results: dict[str, Any], figures: list[str], folder: Path) -> None:
     esc = html.escape
     cfg = results["config"]
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{esc(c.strip())}</td>" for c in (line[:24], line[24:38], line[38:])) + "</tr>"
-        for line in summary_table(results)[1:]
-    )
+    rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in summary_rows(results))
     figs = "".join(
         f"<figure><img alt='{esc(name)}' src='data:image/png;base64,"
         f"{base64.b64encode((folder / name).read_bytes()).decode()}'><figcaption>{esc(_CAPTIONS.get(name, name))}"
@@ -346,6 +410,14 @@ def write_html(results: dict[str, Any], figures: list[str], folder: Path) -> Non
     )
     facts = "".join(f"<li>{esc(f)}</li>" for f in findings(results))
     d = results["dataset"]
+    smoke = (
+        "<p class='smoke'><b>A smoke run</b> (<code>--quick</code>): fewer steps, rates and seeds than the demo; "
+        "the figures show that everything runs, not what batch norm does. Run <code>batchnorm demo</code> "
+        "without <code>--quick</code> for that.</p>"
+        if cfg.get("smoke_run")
+        else ""
+    )
+    ics_text = f"<p>{esc(ICS_MEANING)}</p>" if any(f"{p}_ics.png" in figures for p in ("mlp", "cnn")) else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>batchnorm demo: {esc(d["name"])}</title>
 <style>
@@ -353,8 +425,10 @@ body {{ font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; 
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 3px 10px; text-align: right; }}
 td:first-child {{ text-align: left; }} figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 figcaption {{ color: #555; font-size: 0.9em; }} code {{ background: #f3f3f3; padding: 0 3px; }}
+.smoke {{ background: #fff3cd; border: 1px solid #e0c060; padding: 0.5em 1em; }}
 </style></head><body>
 <h1>What batch normalization changes</h1>
+{smoke}
 <p>Dataset <b>{esc(d["name"])}</b>: {d["train"]} training and {d["test"]} test images of shape
 {esc("x".join(map(str, d["image_shape"])))}. Plain SGD, batch {cfg["batch_size"]}, seed {cfg["seed"]};
 the MLP is Ioffe &amp; Szegedy's (2015, sec. 4.1): {len(cfg["hidden"])} hidden layers of {cfg["hidden"][0]}
@@ -363,7 +437,19 @@ initialization. Every number is in <code>results.json</code>.</p>
 <h2>Key numbers</h2>
 <table><tr><th></th><th>without BN</th><th>with BN</th></tr>{rows}</table>
 <h2>What this run shows</h2><ul>{facts}</ul>
-<h2>Figures</h2>{figs}
+{ics_text}
+<h2>How to read it</h2>
+<p>Accuracy is measured on the test set in eval mode (population statistics); the arm with BN is plotted from
+the first evaluation after step 0, since at step 0 its running statistics are still their initial values.
+Percentiles and input drift are taken on up to {cfg["probe_size"]} test images in eval mode at every evaluation
+(every {cfg["eval_every"]} steps). Layers are named alike everywhere: <code>hidden1</code>&ndash;<code>hidden3</code>
+(the MLP's hidden layers; a figure about a layer's input means the input of its sigmoid),
+<code>conv1</code>&ndash;<code>conv3</code> (the CNN's), <code>output</code> (the classifier). The gradient ICS at a
+step compares each layer's weight gradient <i>G</i> with <i>G'</i>, the gradient on the same batch after the
+earlier layers (weights, biases, BN scale and shift) took their SGD step; the first layer has no earlier layers.
+"Batch statistics, one image at a time" normalizes each BN layer with the statistics of a batch of one image
+(what training mode would compute); with one value per feature, the MLP's BN output is then just its shift.
+A run whose loss became non-finite (or above 1e4) is reported as diverged at that step.</p>
 <h2>Why this configuration</h2>
 <p>The paper gives no learning rate and no initialization scale. The weights are N(0, {cfg["init_std"]}&sup2;)
 (&ldquo;small Gaussian&rdquo;, as in a public MNIST reproduction); with such an initialization the network
@@ -372,13 +458,7 @@ most 1/4) and then learns. The MLP's learning rate, {cfg["mlp_lr"]:g}, is where 
 fastest in our sweeps; at smaller rates it stays on the plateau longer, so this choice favours the arm without BN.
 The sweep shows the other rates. One test image is {1 / d["test"]:.2%} of the test set: differences of a few
 images are noise.</p>
-<h2>How to read it</h2>
-<p>Accuracy is measured on the test set in eval mode (population statistics). Percentiles and input drift are
-taken on up to {cfg["probe_size"]} test images in eval mode at every evaluation. The gradient ICS at a step
-compares each layer's weight gradient <i>G</i> with <i>G'</i>, the gradient on the same batch after the earlier
-layers (weights, biases, BN scale and shift) took their SGD step; the first layer has no earlier layers.
-"Batch statistics, one image at a time" normalizes each BN layer with the statistics of a batch of one image
-(what training mode would compute); with one value per feature, the MLP's BN output is then just its shift.</p>
+<h2>Figures</h2>{figs}
 </body></html>
 """
     (folder / "report.html").write_text(page, encoding="utf-8")
