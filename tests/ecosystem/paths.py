@@ -341,11 +341,11 @@ PATHS: dict[str, Path] = {
     "fx_symbolic_trace": Path(fx_symbolic_trace, "`torch.fx.symbolic_trace`", "one `call_module` node, as torch's"),
     "onnx_torchscript": Path(
         onnx_torchscript, "`torch.onnx.export(dynamo=False)` + onnxruntime", "ONNX `BatchNormalization`",
-        modes=("eval",), backends=HEAVY, reference=fresh_output,
+        modes=("eval",), backends=HEAVY, reference=fresh_output, tolerance=1e-5,
     ),
     "onnx_dynamo": Path(
         onnx_dynamo, "`torch.onnx.export(dynamo=True)` + onnxruntime", "ONNX `BatchNormalization`",
-        modes=("eval",), backends=("auto",), sizes=("large",), reference=fresh_output,
+        modes=("eval",), backends=("auto",), sizes=("large",), reference=fresh_output, tolerance=1e-5,
     ),
     "export": Path(
         export_decomposed, "`torch.export` + `run_decompositions()`", "aten ops only: loads without this package",
