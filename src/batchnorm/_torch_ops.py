@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from . import activations
+
 Tensor = torch.Tensor
 
 
@@ -26,15 +28,7 @@ def activate(y: Tensor, residual: Tensor | None, name: str, param: float, owned:
     if residual is not None:
         y = y + residual
         owned = True
-    if name == "relu":
-        return torch.relu_(y) if owned else torch.relu(y)
-    if name == "leaky_relu":
-        return torch.nn.functional.leaky_relu(y, param, inplace=owned)
-    if name == "elu":
-        return torch.nn.functional.elu(y, param, inplace=owned)
-    if name == "silu":
-        return torch.nn.functional.silu(y)
-    return y
+    return activations.activate(y, name, param, owned and name != "silu")
 
 
 def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:

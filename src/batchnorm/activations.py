@@ -61,29 +61,27 @@ def _scalar(value: float, like: Tensor) -> Tensor:
     return torch.full((), value, dtype=like.dtype, device=like.device)
 
 
-def forward(z: Tensor, act: Activation) -> Tensor:
-    if act.name == "relu":
-        return torch.relu(z)
-    if act.name == "leaky_relu":
-        return torch.nn.functional.leaky_relu(z, act.param)
-    if act.name == "elu":
-        return torch.nn.functional.elu(z, act.param)
-    if act.name == "silu":
-        return torch.nn.functional.silu(z)
+def activate(z: Tensor, name: str, param: float, inplace: bool = False) -> Tensor:
+    """``act(z)`` for the activation called ``name`` (TorchScript compiles this); ``inplace``
+    overwrites ``z``, a tensor the caller owns."""
+    if name == "relu":
+        return torch.relu_(z) if inplace else torch.relu(z)
+    if name == "leaky_relu":
+        return torch.nn.functional.leaky_relu(z, param, inplace=inplace)
+    if name == "elu":
+        return torch.nn.functional.elu(z, param, inplace=inplace)
+    if name == "silu":
+        return torch.nn.functional.silu(z, inplace=inplace)
     return z
+
+
+def forward(z: Tensor, act: Activation) -> Tensor:
+    return activate(z, act.name, act.param)
 
 
 def apply_(y: Tensor, act: Activation) -> Tensor:
     """The activation in place on a tensor the caller owns."""
-    if act.name == "relu":
-        return torch.relu_(y)
-    if act.name == "leaky_relu":
-        return torch.nn.functional.leaky_relu_(y, act.param)
-    if act.name == "elu":
-        return torch.nn.functional.elu_(y, act.param)
-    if act.name == "silu":
-        return torch.nn.functional.silu(y, inplace=True)
-    return y
+    return activate(y, act.name, act.param, inplace=True)
 
 
 def grad_from_input(z: Tensor, act: Activation) -> Tensor | None:

@@ -53,9 +53,7 @@ class FrozenBatchNorm(nn.Module):
         if isinstance(x, fx.Proxy):  # symbolic tracing: one call of this layer
             return _fx.record_call(self, x, residual)
         y = functional.affine(x, self.scale, self.shift)
-        if residual is not None:
-            y = y + residual
-        return activations.forward(y, self.activation)
+        return _torch_ops.activate(y, residual, self.activation.name, self.activation.param, False)
 
     def extra_repr(self) -> str:
         text = f"{self.scale.numel()}"

@@ -359,12 +359,6 @@ def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 # public functions
 
 
-def _activate(y: Tensor, residual: Tensor | None, act: Activation) -> Tensor:
-    if residual is not None:
-        y = y + residual
-    return activations.forward(y, act)
-
-
 def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``y = x * scale[c] + shift[c]`` per channel (dim 1): a frozen batch norm; differentiable,
     and taking the same path as :func:`batch_norm` (our kernel, or torch's ops where a tool needs them)."""
@@ -599,7 +593,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return y
     if not training:
         scale, shift = inference_affine(running_mean, running_var, weight, bias, eps)
-        y = _activate(_affine(input, scale, shift), residual, act)
+        y = _torch_ops.activate(_affine(input, scale, shift), residual, act.name, act.param, False)
         return input.copy_(y) if inplace else y
     y, mean, var, _ = _forward_train(input, weight, bias, eps, residual, act)
     _update_if_kept(running_mean, running_var, mean, var, input, momentum, num_batches_tracked,

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.autograd.function import once_differentiable
 
-from . import _fx, _route, activations, kernels, modules
+from . import _fx, _route, _torch_ops, activations, kernels, modules
 from ._checks import ShapeError, check_input
 from ._layout import as_ncl, output_memory_format, prepare, restore
 from .functional import update_running_stats
@@ -219,7 +219,8 @@ def sync_batch_norm(
     if total == 0:  # as batch_norm on an empty batch: nothing to learn, the batch still counts
         if num_batches_tracked is not None and running_mean is not None:
             num_batches_tracked.add_(1)
-        return _activate(input.clone(memory_format=output_memory_format(input)), residual, act)
+        y = input.clone(memory_format=output_memory_format(input))
+        return _torch_ops.activate(y, residual, act.name, act.param, False)
     if total == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, got 1 value per channel over the "
@@ -232,13 +233,7 @@ def sync_batch_norm(
         update_running_stats(
             running_mean, running_var, mean, var, total, momentum, num_batches_tracked, skip_nonfinite, nonfinite_count
         )
-    return _activate(y, residual, act)
-
-
-def _activate(y: Tensor, residual: Tensor | None, act) -> Tensor:
-    if residual is not None:
-        y = y + residual
-    return activations.forward(y, act)
+    return _torch_ops.activate(y, residual, act.name, act.param, False)
 
 
 # ---------------------------------------------------------------------------
