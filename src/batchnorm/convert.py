@@ -144,6 +144,18 @@ def _target_of(module: nn.Module, to: str) -> tuple[type[nn.Module] | None, str 
     return _TORCH_TO_OURS[base], None
 
 
+def convert_norm_act_layers(module: nn.Module) -> None:
+    """Swap, in place, only the layers that already are batch norm + activation (timm's
+    ``BatchNormAct2d``) for ours with the activation fused, where they can be kept exactly."""
+    for name, child in module.named_children():
+        if _qualname(type(child)) in _NORM_DROP_ACT:
+            target, _ = _target_of(child, "batchnorm")
+            if target is not None:
+                setattr(module, name, swap_layer(child, target, _fused_activation(child)))
+        else:
+            convert_norm_act_layers(child)
+
+
 def _fused_activation(module: nn.Module) -> activations.Activation:
     """The activation the new layer fuses: ours carries one; timm's norm + act layers apply ``act``."""
     if _qualname(type(module)) in _NORM_DROP_ACT:

@@ -21,7 +21,7 @@ from torch import fx, nn
 from . import activations
 from ._fx import call_counts, trace
 from .activations import Activation
-from .convert import _NORM_DROP_ACT, _fused_activation, _qualname, _target_of, convert, swap_layer
+from .convert import convert, convert_norm_act_layers
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["fuse"]
@@ -57,7 +57,7 @@ def fuse(model: nn.Module, memory_efficient: bool = False) -> nn.Module:
     ``fuse``, or built with ``activation=``) join the mode too.
     """
     model = copy.deepcopy(model)
-    _convert_norm_act_layers(model)
+    convert_norm_act_layers(model)
     try:
         traced = trace(model)
     except Exception:  # untraceable Python in forward: fall back to the module walk
@@ -66,18 +66,6 @@ def fuse(model: nn.Module, memory_efficient: bool = False) -> nn.Module:
         return _fuse_sequentials(model, memory_efficient)
     _fuse_graph(traced, memory_efficient)
     return traced
-
-
-def _convert_norm_act_layers(module: nn.Module) -> None:
-    """Swap, in place, the layers that already are batch norm + activation (timm's
-    ``BatchNormAct2d``) for ours with the activation fused, where ``convert`` can keep them exactly."""
-    for name, child in module.named_children():
-        if _qualname(type(child)) in _NORM_DROP_ACT:
-            target, _ = _target_of(child, "batchnorm")
-            if target is not None:
-                setattr(module, name, swap_layer(child, target, _fused_activation(child)))
-        else:
-            _convert_norm_act_layers(child)
 
 
 # --- torch.fx ---------------------------------------------------------------------------
