@@ -77,3 +77,13 @@ def _check_dtypes(x: Tensor, others: tuple[Tensor | None, ...]) -> None:
         f"{sorted(str(d) for d in dtypes)}; expected all {x.dtype}"
         + (" or all torch.float32" if x.dtype in _LOW_PRECISION else "")
     )
+
+
+def check_residual(x: Tensor, residual: Tensor | None) -> None:
+    """A residual must broadcast to the input (fused when it has the input's shape and dtype)."""
+    if residual is None:
+        return
+    try:
+        torch.broadcast_shapes(x.shape, residual.shape)
+    except RuntimeError:
+        raise ShapeError(f"residual must broadcast to the input {tuple(x.shape)}, got {tuple(residual.shape)}") from None

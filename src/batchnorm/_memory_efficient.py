@@ -5,6 +5,8 @@ For an invertible activation the backward recovers everything from ``y``:
 (In-Place Activated BatchNorm, Rota Bulo et al. 2018, with standard weights).
 The input is not saved, so it can be freed, or overwritten by the output
 (``inplace=True``). Eager mode only; it needs every ``gamma`` to be non-zero.
+The backward's ``dx`` is ``numerics.grad_input_coefficients`` applied to the
+recovered ``x - mean = (z - beta) / (gamma * invstd)``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import activations
+from . import _ops, activations
 from ._layout import per_channel, reduce_dims
 from .activations import Activation
-from .kernels import stats_dtype
+from .numerics import affine_from_stats, grad_input_coefficients, stats_dtype
 
 Tensor = torch.Tensor
 
@@ -32,7 +34,9 @@ def check(act: Activation, weight: Tensor | None, residual: Tensor | None, why: 
             f"{why} cannot take a residual: recovering the normalized input from the output "
             "would need the residual too; add it outside the layer"
         )
-    if weight is not None and bool((weight == 0).any()):
+    # read on the host only for CPU weights: on an accelerator it would stop the device every step
+    # (there a zero weight makes its channel's gradients NaN, visibly, rather than wrong)
+    if weight is not None and weight.device.type == "cpu" and bool((weight == 0).any()):
         zero = torch.nonzero(weight == 0).flatten().tolist()[:8]
         raise ValueError(
             f"{why} recomputes the normalized input as (z - bias) / weight, so every weight "
@@ -44,38 +48,35 @@ class MemoryEfficientBatchNorm(torch.autograd.Function):
     """``act(BN(x))`` in training, saving ``y`` (and ``C``-sized tensors) only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, act: Activation, inplace: bool, forward_train):
-        y, mean, var, _ = forward_train(x, weight, bias, eps, None, act.name, act.param)
+    def forward(ctx, x, weight, bias, eps, act: Activation, inplace: bool):
+        y, mean, var, invstd, _ = _ops.forward_train(x, weight, bias, eps, None, act)
         if inplace:
             x.copy_(y)  # the output now lives in the input's storage
             ctx.mark_dirty(x)
             y = x
         ctx.mark_non_differentiable(mean, var)
-        ctx.save_for_backward(y, weight, bias, var)
-        ctx.eps, ctx.act = eps, act
+        ctx.save_for_backward(y, weight, bias, mean, invstd)
+        ctx.act = act
         return y, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _dmean, _dvar):
-        y, weight, bias, var = ctx.saved_tensors
+        y, weight, bias, mean, invstd = ctx.saved_tensors
         sdtype = stats_dtype(y.dtype)
         dims = reduce_dims(y)
-        n = y.numel() // y.shape[1]
-        invstd = torch.rsqrt(var + ctx.eps)  # C
         dz = dy.to(sdtype)
         act_grad = activations.grad_from_output(y, ctx.act)
         if act_grad is not None:
             dz = dz * act_grad.to(sdtype)  # like y
-        xhat = activations.inverse(y, ctx.act).to(sdtype)  # z
-        if bias is not None:
-            xhat = xhat - per_channel(bias.to(sdtype), y)
-        if weight is not None:
-            xhat = xhat / per_channel(weight.to(sdtype), y)  # like y: (z - beta) / gamma
+        # x - mean = (z - bias) / k, k = weight * invstd: the input, recovered up to its mean
+        scale, shift = affine_from_stats(torch.zeros_like(mean), invstd, weight, bias)  # C: k, bias
+        xmu = (activations.inverse(y, ctx.act).to(sdtype) - per_channel(shift, y)) / per_channel(scale, y)
         sum_dz = dz.sum(dims)  # C
-        sum_dz_xhat = (dz * xhat).sum(dims)  # C
-        k = invstd if weight is None else invstd * weight.to(sdtype)  # C
-        dx = per_channel(k, y) * (dz - per_channel(sum_dz / n, y) - xhat * per_channel(sum_dz_xhat / n, y))
-        dweight = None if weight is None else sum_dz_xhat.to(weight.dtype)
+        sum_dz_xmu = (dz * xmu).sum(dims)  # C
+        n = y.numel() // y.shape[1]
+        k, a, b = grad_input_coefficients(torch.zeros_like(mean), invstd, weight, sum_dz, sum_dz_xmu, n)  # C
+        dx = dz * per_channel(k, y) + xmu * per_channel(a, y) + per_channel(b, y)
+        dweight = None if weight is None else (sum_dz_xmu * invstd).to(weight.dtype)
         dbias = None if bias is None else sum_dz.to(bias.dtype)
-        return dx.to(dy.dtype), dweight, dbias, None, None, None, None
+        return dx.to(dy.dtype), dweight, dbias, None, None, None

@@ -3,16 +3,19 @@
 Our kernels run behind ``torch.library`` custom ops (under ``torch.compile``)
 or an ``autograd.Function`` (eager). Some tools cannot see through either, and
 would silently record nothing or fail; for them the call goes to torch's own
-ops (``_torch_ops``), which every tool understands. That choice is made here,
-and only here:
+ops (``_torch_ops``), which every tool understands. :func:`runs_torch_ops`
+decides, and is the only place that does:
 
 * :func:`tool_needs_torch_ops`: a tracer, ``torch.export``, forward-mode AD or
   a ``torch.func`` transform is active (whatever backend is forced);
-* :func:`prefers_torch_kernel`: with no backend forced, where torch's kernel is
-  the better choice: small eager CPU calls (measured crossover, ``SMALL_NUMEL``)
-  and every non-CPU device (our GPU kernels are opt-in until they have passed
-  the GPU check on real hardware: ``batchnorm.backend("triton")``, eager only;
-  under ``torch.compile`` a GPU layer is torch's ops, which inductor fuses).
+* otherwise, with no backend forced, when the registry's automatic choice for
+  the tensor is ``torch`` (``kernels.select``: every backend declined it, e.g.
+  the numba backend below its measured size threshold, or a CUDA tensor, as our
+  GPU kernels are opt-in), torch's own kernel and autograd run the call, which
+  is faster than torch's stages behind our layer; under ``torch.compile`` on the
+  CPU our ops stay (one graph node each), on a GPU torch's ops, which inductor fuses.
+
+Which backend runs inside our ops is the registry's choice alone (``kernels``).
 """
 
 from __future__ import annotations
@@ -21,14 +24,10 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from . import kernels
+from ._layout import as_ncl
 
 Tensor = torch.Tensor
-
-# Up to this many elements a CPU float32/float64 call goes to torch's own batch-norm
-# kernel (with its C++ autograd), then torch's add and activation when fused. Measured on
-# 2 cores (training forward+backward, both layouts): at 256K elements that path took
-# 0.65-0.8x the time of our kernels behind our Python layer; at 1M elements 1.0-1.4x.
-SMALL_NUMEL = 1 << 18
+_NATIVE = (torch.float32, torch.float64)
 
 
 def in_functorch_transform() -> bool:
@@ -47,15 +46,19 @@ def tool_needs_torch_ops() -> bool:
     )
 
 
-def prefers_torch_kernel(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    """Whether, with no backend forced, torch's own kernel should run this call."""
+def runs_torch_ops(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, fused: bool, memory_saving: bool = False
+) -> bool:
+    """Whether this call runs torch's own ops (``_torch_ops``) rather than our kernels
+    (``fused``: with an activation or residual; ``memory_saving``: only our path offers it,
+    so only tools and empty batches send it to torch's ops)."""
+    if x.numel() == 0 or tool_needs_torch_ops():
+        return True
+    if memory_saving or kernels.forced_name() is not None:
+        return False
     if x.device.type != "cpu":
-        return torch.compiler.is_compiling() or kernels.forced_name() is None
-    if torch.compiler.is_compiling() or kernels.forced_name() is not None:
-        return False  # compiled: our custom ops, one graph node each
-    return (
-        x.numel() <= SMALL_NUMEL
-        and x.dtype in (torch.float32, torch.float64)
-        and (weight is None or weight.dtype == x.dtype)
-        and (bias is None or bias.dtype == x.dtype)
-    )
+        return True
+    if torch.compiler.is_compiling() or kernels.select(as_ncl(x), fused).name != "torch":
+        return False
+    # torch's kernel keeps float32/float64 statistics only with parameters of the input's dtype
+    return x.dtype in _NATIVE and (weight is None or weight.dtype == x.dtype) and (bias is None or bias.dtype == x.dtype)

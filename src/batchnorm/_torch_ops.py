@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import activations
+from .running import update_on_device, update_running_stats
 
 Tensor = torch.Tensor
 
@@ -35,53 +36,6 @@ def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``y = x * scale[c] + shift[c]`` over dim 1, in ``x``'s dtype and memory format."""
     shape = [1, -1] + [1] * (x.dim() - 2)
     return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
-
-
-def update_running(
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    count: int,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None,
-    skip_nonfinite: bool,
-    nonfinite_count: Tensor | None,
-) -> None:
-    """Fold a batch's ``mean`` and biased ``var`` into the running estimates, in place, with
-    tensor ops only (no value read back to the host); see ``functional.update_running_stats``."""
-    with torch.no_grad():
-        mean = mean.detach()
-        unbiased = var.detach() * (count / (count - 1)) if count > 1 else var.detach()
-        dtype = mean.dtype
-        if running_mean is not None:
-            dtype = running_mean.dtype
-        elif running_var is not None:
-            dtype = running_var.dtype
-        mean, unbiased = mean.to(dtype), unbiased.to(dtype)
-        on = torch.ones((), dtype=dtype, device=mean.device)
-        if skip_nonfinite:
-            finite = torch.isfinite(mean).all() & torch.isfinite(unbiased).all()  # 0-d, stays on the device
-            if nonfinite_count is not None:
-                nonfinite_count.add_((~finite).to(nonfinite_count.dtype))
-            # a skipped batch gets weight 0 below; zeroed first so that NaN * 0 cannot leak in
-            mean, unbiased = mean.nan_to_num(0.0, 0.0, 0.0), unbiased.nan_to_num(0.0, 0.0, 0.0)
-            on = finite.to(dtype)
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
-        elif num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        if momentum is None:
-            if num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            weight = on / num_batches_tracked.clamp(min=1).to(dtype)
-        else:
-            weight = on * momentum
-        # running += weight * (batch - running)
-        if running_mean is not None:
-            running_mean.add_(weight * (mean - running_mean))
-        if running_var is not None:
-            running_var.add_(weight * (unbiased - running_var))
 
 
 def batch_norm(
@@ -104,7 +58,7 @@ def batch_norm(
 
     Arguments as in ``functional.batch_norm``. In training with running buffers and
     ``skip_nonfinite``, the statistics come from ``native_batch_norm`` and are folded
-    in by :func:`update_running` (a non-finite batch is skipped); otherwise torch's
+    in by ``running.update_running_stats`` (a non-finite batch is skipped); otherwise torch's
     kernel updates the buffers itself, exactly as ``torch.nn.BatchNorm*`` does.
     """
     cudnn = torch.backends.cudnn.enabled
@@ -125,7 +79,7 @@ def batch_norm(
         var = invstd.detach().pow(-2) - eps  # the biased variance, back from 1 / sqrt(var + eps)
         count = input.numel() // input.shape[1]
         if torch.jit.is_scripting():
-            update_running(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+            update_on_device(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                            skip_nonfinite, nonfinite_count)  # fmt: skip
         else:
             _update_eager(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
@@ -136,7 +90,5 @@ def batch_norm(
 @torch.jit.unused
 def _update_eager(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                   skip_nonfinite, nonfinite_count) -> None:  # fmt: skip
-    from .functional import update_running_stats
-
     update_running_stats(running_mean, running_var, mean.detach(), var, count, momentum, num_batches_tracked,
                          skip_nonfinite, nonfinite_count)  # fmt: skip

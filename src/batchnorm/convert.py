@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import activations, modules, sync
+from ._swap import swap_layer
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -39,15 +40,6 @@ _TARGETS = {"batchnorm": _TORCH_TO_OURS, "torch": _OURS_TO_TORCH}
 # subclasses that apply ``self.drop`` then ``self.act`` after the normalization (timm)
 _NORM_DROP_ACT = {"timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct"}
 # the hook registries of nn.Module that the new layer takes over (the handles stay valid)
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
 
 
 @dataclass
@@ -165,39 +157,3 @@ def _fused_activation(module: nn.Module) -> activations.Activation:
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def swap_layer(old: nn.Module, new_cls: type[nn.Module], activation: activations.Activation | None = None) -> nn.Module:
-    """A ``new_cls`` layer holding ``old``'s tensors, mode, hooks and fused activation (nothing copied)."""
-    if activation is None:
-        activation = getattr(old, "activation", activations.IDENTITY)
-    fused = issubclass(new_cls, modules._BatchNorm)
-    if not fused and activation != activations.IDENTITY:
-        raise ValueError(
-            f"{type(old).__name__} with the fused activation {activation} has no torch.nn equivalent; "
-            "build it without activation= and put the activation after it"
-        )
-    new = new_cls(
-        old.num_features,
-        old.eps,
-        old.momentum,
-        old.affine,
-        old.running_mean is not None,
-        device="meta",
-        bias=old.bias is not None or not old.affine,
-    )
-    new.track_running_stats = old.track_running_stats  # may have been flipped after construction
-    new.train(old.training)
-    for name in ("weight", "bias"):
-        setattr(new, name, getattr(old, name))
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, name, getattr(old, name))
-    if "num_nonfinite_batches" in new._buffers and new.num_nonfinite_batches is not None:
-        device = old.running_mean.device if old.running_mean is not None else torch.device("cpu")
-        new.num_nonfinite_batches = torch.zeros((), dtype=torch.long, device=device)
-    for hooks in _HOOK_DICTS:
-        if hasattr(old, hooks):
-            setattr(new, hooks, getattr(old, hooks))
-    if fused:
-        new.activation = activation
-    return new

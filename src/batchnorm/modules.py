@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from . import _fx, _torch_ops, activations
-from . import functional as F
+from . import _fx, _torch_ops, activations, functional
 from .activations import Activation
 
 Tensor = torch.Tensor
@@ -120,7 +119,7 @@ class _BatchNorm:
             return _fx.record_call(self, input, residual)
         self._check_input_dim(input)
         running_mean, running_var, counter, nonfinite, batch_stats = self._call_buffers()
-        return F.batch_norm(
+        return functional.batch_norm(
             input, running_mean, running_var, self.weight, self.bias, batch_stats, self.momentum, self.eps,
             num_batches_tracked=counter, skip_nonfinite=self.skip_nonfinite, nonfinite_count=nonfinite,
             activation=self.activation, residual=residual, memory_efficient=self.memory_efficient,

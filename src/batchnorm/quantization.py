@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from . import activations, modules
+from . import activations
+from ._swap import swap_layer, modules
 
 __all__ = ["backend_config", "register"]
 
@@ -38,8 +39,6 @@ def _torch_layer(module: nn.Module) -> nn.Module:
     """``module`` as torch's plain layer (same tensors) if it is one of ours, else ``module``."""
     if type(module) not in _OURS_TO_TORCH:
         return module
-    from .convert import swap_layer
-
     return swap_layer(module, _OURS_TO_TORCH[type(module)], activations.IDENTITY)
 
 

@@ -4,6 +4,13 @@ backend of this library. One collective per direction: an ``all_gather`` of the
 packed per-rank ``[mean, var, count]`` in the forward, an ``all_reduce`` of the
 packed ``[sum_dy, sum_dy_xmu]`` in the backward. Outside training, at world size
 1 or without an initialized process group, it is the plain layer.
+
+It is a variant of the plain layer, not a stack of its own: this rank's
+statistics come from the backend's ``stats`` stage, the exchange and Chan's
+merge give the global ones, and normalization and backward are the plain
+layer's (``_ops.NormalizeWithStats``: ``apply``, ``backward_reduce``, the
+all-reduce, ``backward_apply`` over the global count); the running update,
+the residual add and the activation are the shared ones.
 """
 
 from __future__ import annotations
@@ -11,14 +18,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import fx, nn
-from torch.autograd.function import once_differentiable
 
-from . import _fx, _route, _torch_ops, activations, kernels, modules
-from ._checks import ShapeError, check_input
-from ._layout import as_ncl, output_memory_format, prepare, restore
-from .functional import update_running_stats
-from .kernels import stats_dtype
-from .kernels.base import affine_from_stats
+from . import _fx, _ops, _route, _torch_ops, activations, kernels, modules
+from ._checks import ShapeError, check_input, check_residual
+from ._layout import as_ncl, output_memory_format, prepare
+from ._swap import swap_layer
+from .numerics import invstd_of, stats_dtype
+from .running import update_running_stats
 
 Tensor = torch.Tensor
 
@@ -101,56 +107,6 @@ def _merge(gathered: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------------------
-# autograd: normalize with global statistics; backward with one all_reduce
-
-
-class _SyncNormalize(torch.autograd.Function):
-    """``y = (x - mean) * invstd * weight + bias`` with the global ``mean``/``invstd``
-    as constants; the backward restores their dependence on every rank's input."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, total, group):
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.total, ctx.group, ctx.bias_dtype = total, group, None if bias is None else bias.dtype
-        if x.numel() == 0:
-            return torch.empty_like(x, memory_format=output_memory_format(x))
-        x3 = as_ncl(x)
-        scale, shift = affine_from_stats(mean, invstd, weight, bias)
-        return restore(kernels.select(x3).apply(x3, scale, shift), x)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        x3 = as_ncl(x)
-        dy3 = as_ncl(dy.contiguous(memory_format=output_memory_format(x)))
-        local = x3.shape[0] * x3.shape[2]
-        backend = kernels.select(x3)
-        if local > 0:
-            sum_dy, sum_dy_xmu = backend.backward_reduce(dy3, x3, mean)  # C, C (this rank's values)
-        else:
-            sum_dy, sum_dy_xmu = torch.zeros_like(mean), torch.zeros_like(mean)
-        # always all_reduce, even when x needs no gradient, so every rank runs the same collectives
-        packed = torch.cat([sum_dy, sum_dy_xmu])  # 2C
-        dist.all_reduce(packed, group=ctx.group)
-        global_dy, global_dy_xmu = packed.chunk(2)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            if local > 0:
-                # backward_apply divides the sums by the LOCAL count; the global sums
-                # belong over the global count, so pass sum * local / total
-                ratio = local / ctx.total
-                dx3 = backend.backward_apply(dy3, x3, mean, invstd, weight, global_dy * ratio, global_dy_xmu * ratio)
-                dx = restore(dx3, x)
-            else:
-                dx = torch.empty_like(x, memory_format=output_memory_format(x))
-        # parameter gradients are this rank's share, as for any other parameter: DDP's all-reduce combines them
-        dweight = None if weight is None else (sum_dy_xmu * invstd).to(weight.dtype)
-        dbias = None if ctx.bias_dtype is None else sum_dy.to(ctx.bias_dtype)
-        return dx, dweight, dbias, None, None, None, None
-
-
-# ---------------------------------------------------------------------------
 # functional form
 
 
@@ -192,30 +148,9 @@ def sync_batch_norm(
     # which is about the global batch and is decided after the exchange
     check_input(input[:0], running_mean, running_var, weight, bias, True, eps)
     act = activations.parse(activation)
-    if residual is not None:
-        try:
-            torch.broadcast_shapes(input.shape, residual.shape)
-        except RuntimeError:
-            raise ShapeError(
-                f"residual must broadcast to the input {tuple(input.shape)}, got {tuple(residual.shape)}"
-            ) from None
+    check_residual(input, residual)
     x = prepare(input)
-    x3 = as_ncl(x)
-    channels, local = x3.shape[1], x3.shape[0] * x3.shape[2]
-    sdtype, pdtype = stats_dtype(x.dtype), _pack_dtype(x.device)
-    with torch.no_grad():  # the statistics' dependence on x is _SyncNormalize's backward
-        if local == 1:  # one value per channel (legal here, not in plain BN): no kernel needed
-            mean = x3[0, :, 0].to(sdtype)  # C
-            var = torch.zeros_like(mean)  # C
-        if local > 1:
-            mean, var = kernels.select(x3).stats(x3)  # C, C
-        if local > 0:
-            count = torch.full((1,), float(local), dtype=pdtype, device=x.device)
-            packed = torch.cat([mean.to(pdtype), var.to(pdtype), count])  # 2C+1
-        else:
-            packed = torch.zeros(2 * channels + 1, dtype=pdtype, device=x.device)
-        mean, var, counts = _merge(_all_gather(packed, group, world), channels)
-    total = round(sum(counts.tolist()))  # the one host read: W numbers
+    mean, var, total = _global_statistics(x, group, world)
     if total == 0:  # as batch_norm on an empty batch: nothing to learn, the batch still counts
         if num_batches_tracked is not None and running_mean is not None:
             num_batches_tracked.add_(1)
@@ -226,14 +161,47 @@ def sync_batch_norm(
             "Expected more than 1 value per channel when training, got 1 value per channel over the "
             f"{world} ranks of the process group (this rank's input size {input.size()})"
         )
+    sdtype = stats_dtype(x.dtype)
     mean, var = mean.to(sdtype), var.to(sdtype)
-    invstd = torch.rsqrt(var + eps)  # (no grad: computed from the gathered statistics)
-    y = _SyncNormalize.apply(x, weight, bias, mean, invstd, total, group)
+    invstd = invstd_of(var, eps)  # (no grad: computed from the gathered statistics)
+    y = _ops.NormalizeWithStats.apply(x, weight, bias, mean, invstd, total, _summing_over(group))
     if running_mean is not None or running_var is not None:
         update_running_stats(
             running_mean, running_var, mean, var, total, momentum, num_batches_tracked, skip_nonfinite, nonfinite_count
         )
     return _torch_ops.activate(y, residual, act.name, act.param, False)
+
+
+def _global_statistics(x: Tensor, group, world: int) -> tuple[Tensor, Tensor, int]:
+    """``(mean, biased var, count)`` of every rank's input: this rank's statistics, one
+    ``all_gather``, the merge. The per-rank counts are read to the host (``W`` numbers), so
+    every rank takes the same decision on an empty or single-value global batch."""
+    x3 = as_ncl(x)
+    channels, local = x3.shape[1], x3.shape[0] * x3.shape[2]
+    pdtype = _pack_dtype(x.device)
+    with torch.no_grad():  # the statistics' dependence on x is NormalizeWithStats' backward
+        if local == 1:  # one value per channel (legal here, not in plain BN): no kernel needed
+            mean, var = x3[0, :, 0], torch.zeros_like(x3[0, :, 0])  # C, C
+        elif local > 1:
+            mean, var = kernels.select(x3).stats(x3)  # C, C
+        if local > 0:
+            count = torch.full((1,), float(local), dtype=pdtype, device=x.device)
+            packed = torch.cat([mean.to(pdtype), var.to(pdtype), count])  # 2C+1
+        else:
+            packed = torch.zeros(2 * channels + 1, dtype=pdtype, device=x.device)
+        mean, var, counts = _merge(_all_gather(packed, group, world), channels)
+    return mean, var, round(sum(counts.tolist()))  # the one host read: W numbers
+
+
+def _summing_over(group):
+    """The backward's collective: both sums added over the group's ranks, packed in one all-reduce."""
+
+    def combine(sum_dy: Tensor, sum_dy_xmu: Tensor) -> tuple[Tensor, Tensor]:
+        packed = torch.cat([sum_dy, sum_dy_xmu])  # 2C
+        dist.all_reduce(packed, group=group)
+        return tuple(packed.chunk(2))
+
+    return combine
 
 
 # ---------------------------------------------------------------------------
@@ -357,8 +325,6 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         is not carried over); if ``module`` is itself such a layer the
         replacement is returned. Convert before wrapping in DDP.
         """
-        from .convert import swap_layer
-
         if type(module) in _CONVERTIBLE:
             new = swap_layer(module, cls)
             new.process_group = process_group
@@ -379,8 +345,6 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         """Replace every ``SyncBatchNorm`` (ours or torch's) with this library's plain
         ``BatchNorm1d/2d/3d``, same tensors; ``batchnorm.convert(model, to="torch")``
         gives torch's plain layers instead."""
-        from .convert import swap_layer
-
         if type(module) in (cls, nn.SyncBatchNorm):
             new = swap_layer(module, plain_class(module, torch_layers=False))
             new.skip_nonfinite = getattr(module, "skip_nonfinite", True)

@@ -9,17 +9,21 @@ the same view with strides ``(L*C, 1, C)``) and offers four stages:
 * ``apply(x, scale, shift) -> y``: ``y = x * scale[c] + shift[c]`` in x's dtype;
 * ``backward_reduce(dy, x, mean) -> (sum_dy, sum_dy_xmu)``: per-channel
   ``sum(dy)`` and ``sum(dy * (x - mean))``;
-* ``backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu) -> dx``.
+* ``backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count=None) -> dx``
+  (``count``: values per channel the sums cover, default ``N * L``).
 
 and fused paths built from them unless a backend overrides them for speed:
-``forward_train(x, weight, bias, eps) -> (y, mean, var)`` and
-``backward_train(dy, x, mean, invstd, weight) -> (dx, sum_dy, sum_dy_xmu)``;
-with an activation, ``forward_train_act``/``backward_train_act`` (the backward
-recomputes ``z`` from x); with a residual added before it,
-``forward_train_residual``/``backward_train_residual``, which keep the sign of
-``z`` as the bit mask of ``sign_mask`` (one format for every backend).
-Outputs keep x's strides when x is contiguous or channels-last. Kernels know
-nothing of autograd or running statistics; those live in ``functional``.
+``forward_train(x, weight, bias, eps, act) -> (y, mean, var, invstd)`` (``y =
+act(BN(x))``, ``invstd`` the one it normalized with, which the backward gets
+back) and ``backward_train(dy, x, mean, invstd, weight, bias, act) -> (dx,
+sum_dz, sum_dz_xmu)`` (``act'`` recomputed from x); with a residual added
+before the activation, ``forward_train_residual``/``backward_train_residual``,
+which keep the sign of ``z`` as the bit mask of ``sign_mask`` (one format for
+every backend). Which activations a backend fuses in its loops, and how each
+one's derivative is obtained, is ``activations.KINDS``; the formulas shared by
+the torch-side code are ``numerics``. Outputs keep x's strides when x is
+contiguous or channels-last. Kernels know nothing of autograd or running
+statistics; those live in ``_ops`` and ``running``.
 
 Choosing: ``BATCHNORM_BACKEND=name`` or ``with batchnorm.backend("name"):``
 forces one (a backend that cannot take a tensor falls back to ``torch``);
@@ -39,6 +43,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..numerics import stats_dtype
 from .base import Backend
 
 __all__ = ["Backend", "available", "backend", "get", "register", "select", "stats_dtype"]
@@ -120,8 +125,3 @@ def select(x: torch.Tensor, fused: bool = False) -> Backend:
         if found is not None and found.supports(x) and found.prefers(x, fused):
             return found
     return get("torch")
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics are kept in at least float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

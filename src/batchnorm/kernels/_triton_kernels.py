@@ -183,6 +183,7 @@ def finalize_stats(
     part_ptr,  # 3,S,C float32 from partial_stats
     x_ptr,  # N,C,L: the shift x[0, c, 0] the partials are relative to
     mean_ptr, var_ptr,  # C float32 out: mean, biased variance
+    invstd_ptr,  # C float32 out (if WRITE_COEF): 1 / sqrt(var + eps), as normalized with
     w_ptr, b_ptr,  # C weight, bias (read if HAS_W / HAS_B)
     coef_ptr,  # 3,C float32 out (if WRITE_COEF): scale, shift
     S, C, s_c, eps,
@@ -208,7 +209,9 @@ def finalize_stats(
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(var_ptr + c, var, mask=cmask)
     if WRITE_COEF:
-        scale = 1.0 / tl.sqrt(var + eps)
+        invstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(invstd_ptr + c, invstd, mask=cmask)
+        scale = invstd
         if HAS_W:
             scale *= tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         shift = -mean * scale
@@ -271,6 +274,7 @@ def forward_single(
     x_ptr,  # N,C,L strided
     y_ptr,  # N,C,L strided (written if WRITE_Y)
     mean_ptr, var_ptr,  # C float32 out
+    invstd_ptr,  # C float32 out (if WRITE_Y): 1 / sqrt(var + eps), as normalized with
     w_ptr, b_ptr,  # C
     N, C, L, s_n, s_c, s_l, o_n, o_c, o_l, count, eps,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, WRITE_Y: tl.constexpr,
@@ -290,7 +294,9 @@ def forward_single(
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(var_ptr + c, var, mask=cmask)
     if WRITE_Y:
-        scale = 1.0 / tl.sqrt(var + eps)
+        invstd = 1.0 / tl.sqrt(var + eps)
+        tl.store(invstd_ptr + c, invstd, mask=cmask)
+        scale = invstd
         if HAS_W:
             scale *= tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
         y = xmu * scale[None, :, None]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from .. import activations
-from ..activations import Activation
+from ..activations import IDENTITY, Activation
+from ..numerics import affine_from_stats, grad_input_coefficients, invstd_of
 from . import sign_mask
 
 Tensor = torch.Tensor
@@ -24,9 +25,11 @@ class Backend:
 
     def prefers(self, x: Tensor, fused: bool = False) -> bool:
         """Whether the automatic choice should take this backend for ``x`` (it may
-        support shapes where another backend is faster), plain or ``fused`` with an
-        activation or residual; a forced choice ignores it."""
+        support shapes where another backend is faster, torch's own kernel included),
+        plain or ``fused`` with an activation or residual; a forced choice ignores it."""
         return True
+
+    # -- the four stages --
 
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -46,59 +49,55 @@ class Backend:
         weight: Tensor | None,
         sum_dy: Tensor,
         sum_dy_xmu: Tensor,
+        count: int | None = None,
     ) -> Tensor:
+        """``dx`` from the two sums, taken over ``count`` values per channel (default: x's own
+        ``N * L``; a synchronized layer passes the global count)."""
         raise NotImplementedError
 
+    # -- fused paths, composed from the stages unless a backend overrides them --
+
     def forward_train(
-        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Statistics, then normalize + scale + shift as one multiply-add."""
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: Activation = IDENTITY
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``act(BN(x))``: statistics, then normalize + scale + shift as one multiply-add, then
+        the activation in place; returns ``(y, mean, var, invstd)``."""
         mean, var = self.stats(x)
-        scale, shift = affine_from_stats(mean, torch.rsqrt(var + eps), weight, bias)
-        return self.apply(x, scale, shift), mean, var
+        invstd = invstd_of(var, eps)
+        y = self.apply(x, *affine_from_stats(mean, invstd, weight, bias))
+        return activations.apply_(y, act), mean, var, invstd
 
     def backward_train(
-        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Both reductions, then ``dx``; ``dweight = sum_dy_xmu * invstd``, ``dbias = sum_dy``."""
-        sum_dy, sum_dy_xmu = self.backward_reduce(dy, x, mean)
-        dx = self.backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu)
-        return dx, sum_dy, sum_dy_xmu
-
-    def forward_train_act(
-        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: Activation
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``act(BN(x))``: by default the fused forward, then the activation in place."""
-        y, mean, var = self.forward_train(x, weight, bias, eps)
-        return activations.apply_(y, act), mean, var
-
-    def backward_train_act(
         self,
         dy: Tensor,
         x: Tensor,
         mean: Tensor,
         invstd: Tensor,
         weight: Tensor | None,
-        bias: Tensor | None,
-        act: Activation,
+        bias: Tensor | None = None,
+        act: Activation = IDENTITY,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The backward of ``act(BN(x))``: ``dz = dy * act'(BN(x))`` (``BN(x)`` recomputed from
-        ``x``), then :meth:`backward_train` on ``dz``; returns ``(dx, sum_dz, sum_dz_xmu)``."""
-        z = self.apply(x, *affine_from_stats(mean, invstd, weight, bias))
-        grad = activations.grad_from_input(z, act)
-        dz = dy if grad is None else dy * grad
-        return self.backward_train(dz, x, mean, invstd, weight)
+        ``x``), both reductions of ``dz``, then ``dx``; returns ``(dx, sum_dz, sum_dz_xmu)``
+        (``dweight = sum_dz_xmu * invstd``, ``dbias = sum_dz``)."""
+        if act.kind.grad is not None:  # dz, then the plain backward (a subclass's own, if it has one)
+            z = self.apply(x, *affine_from_stats(mean, invstd, weight, bias))
+            return self.backward_train(dy * activations.grad_from_input(z, act), x, mean, invstd, weight)
+        sum_dy, sum_dy_xmu = self.backward_reduce(dy, x, mean)
+        dx = self.backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu)
+        return dx, sum_dy, sum_dy_xmu
 
     def forward_train_residual(
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, residual: Tensor, act: Activation
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``act(BN(x) + residual)`` for the identity, ReLU and LeakyReLU; returns ``(y, mean, var,
-        mask)`` with the :mod:`sign_mask` of ``BN(x) + residual`` (``None`` for the identity).
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """``act(BN(x) + residual)`` for the identity and the activations whose backward reads
+        a sign mask (``act.keeps_mask``); returns ``(y, mean, var, invstd, mask)`` with the
+        :mod:`sign_mask` of ``BN(x) + residual`` (``None`` for the identity).
         By default: the fused forward, the add, the mask and the activation in place."""
-        y, mean, var = self.forward_train(x, weight, bias, eps)
+        y, mean, var, invstd = self.forward_train(x, weight, bias, eps)
         y.add_(residual)
-        mask = None if act.name == "identity" else sign_mask.pack(y > 0, x)
-        return activations.apply_(y, act), mean, var, mask
+        mask = sign_mask.pack(y > 0, x) if act.keeps_mask else None
+        return activations.apply_(y, act), mean, var, invstd, mask
 
     def backward_train_residual(
         self,
@@ -110,20 +109,17 @@ class Backend:
         mask: Tensor,
         act: Activation,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The backward of :meth:`forward_train_residual` (ReLU or LeakyReLU) from its mask:
-        ``dz = dy * act'``; returns ``(dx, dresidual = dz, sum_dz, sum_dz_xmu)``."""
+        """The backward of :meth:`forward_train_residual` from its mask: ``dz = dy * act'``;
+        returns ``(dx, dresidual = dz, sum_dz, sum_dz_xmu)``."""
         positive = sign_mask.unpack(mask, x)
-        dz = torch.where(positive, dy, dy * (0.0 if act.name == "relu" else act.param))
+        dz = torch.where(positive, dy, dy * act.negative_slope)
         dx, sum_dz, sum_dz_xmu = self.backward_train(dz, x, mean, invstd, weight)
         return dx, dz, sum_dz, sum_dz_xmu
 
 
-def affine_from_stats(
-    mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(scale, shift)`` with ``y = x * scale + shift`` equal to
-    ``(x - mean) * invstd * weight + bias``; in the statistics' dtype."""
-    scale = invstd if weight is None else invstd * (weight if weight.dtype == invstd.dtype else weight.to(invstd.dtype))
-    if bias is None:
-        return scale, -mean * scale
-    return scale, torch.addcmul(bias if bias.dtype == invstd.dtype else bias.to(invstd.dtype), mean, scale, value=-1)
+def count_of(x: Tensor, count: int | None) -> int:
+    """Values per channel the backward's sums are over: ``count``, else x's ``N * L``."""
+    return x.shape[0] * x.shape[2] if count is None else count
+
+
+__all__ = ["Backend", "affine_from_stats", "count_of", "grad_input_coefficients"]

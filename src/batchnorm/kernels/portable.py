@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend
+from .. import activations
+from ..activations import IDENTITY, Activation
+from ..numerics import grad_input_coefficients, stats_dtype
+from .base import Backend, count_of
 
 Tensor = torch.Tensor
 _REDUCE = (0, 2)  # N and L of the (N, C, L) view
@@ -40,29 +43,35 @@ class TorchBackend(Backend):
         return x.is_floating_point()
 
     def forward_train(
-        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: Activation = IDENTITY
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if not _native(x, weight, bias):
-            return super().forward_train(x, weight, bias, eps)
+            return super().forward_train(x, weight, bias, eps, act)
         # as (N, C, 1, L) a channels-last (N, C, L) view is a channels-last 4-D tensor, which
         # torch's kernels handle (vectorized) in place; a contiguous one stays contiguous
         y, mean, invstd = torch.native_batch_norm(x.unsqueeze(2), weight, bias, None, None, True, 0.0, eps)
-        var = invstd.pow(-2).sub_(eps)  # biased variance back from 1 / sqrt(var + eps)
-        return y.squeeze(2), mean, var
+        var = invstd.pow(-2).sub_(eps)  # the biased variance, for the running update
+        return activations.apply_(y.squeeze(2), act), mean, var, invstd
 
     def backward_train(
-        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None = None,
+        act: Activation = IDENTITY,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        if not (_native(x, weight, mean) and dy.stride() == x.stride() and _dense(x)):
-            return super().backward_train(dy, x, mean, invstd, weight)
+        native = _native(x, weight, mean) and dy.stride() == x.stride() and _dense(x)
+        if not native or act.kind.grad is not None:
+            return super().backward_train(dy, x, mean, invstd, weight, bias, act)
         dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
             dy.unsqueeze(2), x.unsqueeze(2), weight, None, None, mean, invstd, True, 0.0, [True, True, True]
         )
         return dx.squeeze(2), dbias, dweight / invstd  # sum(dy * (x - mean)) = sum(dy * xhat) / invstd
 
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        from . import stats_dtype
-
         sdtype = stats_dtype(x.dtype)
         var, mean = torch.var_mean(x if x.dtype == sdtype else x.to(sdtype), dim=_REDUCE, correction=0)  # C, C
         return mean, var
@@ -87,13 +96,9 @@ class TorchBackend(Backend):
         weight: Tensor | None,
         sum_dy: Tensor,
         sum_dy_xmu: Tensor,
+        count: int | None = None,
     ) -> Tensor:
-        # dx = k * (dy - sum_dy/n - (x - mean) * invstd^2 * sum_dy_xmu/n), k = weight * invstd,
-        # written as one per-channel linear combination dx = dy * k + x * a + b.
-        n = x.shape[0] * x.shape[2]
-        k = invstd if weight is None else invstd * weight.to(invstd.dtype)  # C
-        a = -k * invstd * invstd * sum_dy_xmu / n  # C
-        b = -k * sum_dy / n - a * mean  # C
+        k, a, b = grad_input_coefficients(mean, invstd, weight, sum_dy, sum_dy_xmu, count_of(x, count))  # C, C, C
         sdtype = mean.dtype
         dx = torch.addcmul(_col(b), dy.to(sdtype), _col(k)).addcmul_(x.to(sdtype), _col(a))  # N,C,L
         return dx.to(dy.dtype)

@@ -26,8 +26,11 @@ from dataclasses import dataclass
 import torch
 import triton  # noqa: F401  (ImportError here means: backend unavailable)
 
+from .. import activations
+from ..activations import IDENTITY, Activation
+from ..numerics import grad_input_coefficients
 from . import _triton_kernels as K
-from .base import Backend
+from .base import Backend, count_of
 
 Tensor = torch.Tensor
 
@@ -247,10 +250,12 @@ class TritonBackend(Backend):
     def _stats_and_coef(
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, with_coef: bool
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """``(mean, var, y or None, coef or None)``; ``y`` only from the single-pass kernel."""
+        """``(mean, var, invstd, y or None, coef or None)``; ``y`` only from the single-pass kernel,
+        ``invstd`` (the one the scale was made of) only ``with_coef``."""
         c = x.shape[1]
         mean = torch.empty(c, dtype=torch.float32, device=x.device)
         var = torch.empty_like(mean)
+        invstd = torch.empty_like(mean) if with_coef else mean
         w = _param(weight, mean)
         b = _param(bias, mean)
         single = self._geometry((x, x), single=True)
@@ -258,21 +263,21 @@ class TritonBackend(Backend):
             y = torch.empty_like(x) if with_coef else x
             ygeo = self._geometry((x, y), single=True)
             K.forward_single[(ygeo.channel_blocks,)](
-                x, y, mean, var, w, b, ygeo.n, ygeo.c, ygeo.l, *ygeo.strides[0], *ygeo.strides[1],
+                x, y, mean, var, invstd, w, b, ygeo.n, ygeo.c, ygeo.l, *ygeo.strides[0], *ygeo.strides[1],
                 float(x.shape[0] * x.shape[2]), eps,
                 HAS_W=weight is not None, HAS_B=bias is not None, WRITE_Y=with_coef,
                 **ygeo.blocks(), num_warps=ygeo.num_warps,
             )  # fmt: skip
-            return mean, var, (y if with_coef else None), None
+            return mean, var, invstd, (y if with_coef else None), None
         geo = self._geometry((x,), single=False)
         part, splits = self._partial_stats(x, geo)
         coef = torch.empty((3, c), dtype=torch.float32, device=x.device) if with_coef else mean
         blocks = self._finalize_blocks(c, splits)
         K.finalize_stats[(_cdiv(c, blocks["BLOCK_C"]),)](
-            part, x, mean, var, w, b, coef, splits, c, x.stride(1), eps,
+            part, x, mean, var, invstd, w, b, coef, splits, c, x.stride(1), eps,
             HAS_W=weight is not None, HAS_B=bias is not None, WRITE_COEF=with_coef, **blocks,
         )  # fmt: skip
-        return mean, var, None, (coef if with_coef else None)
+        return mean, var, invstd, None, (coef if with_coef else None)
 
     def _grad_sums(
         self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor | None, weight: Tensor | None, with_dx: bool
@@ -310,7 +315,7 @@ class TritonBackend(Backend):
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.numel() == 0:
             return _torch().stats(x)
-        mean, var, _, _ = self._stats_and_coef(x, None, None, 0.0, with_coef=False)
+        mean, var, _, _, _ = self._stats_and_coef(x, None, None, 0.0, with_coef=False)
         return mean, var
 
     def apply(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -334,31 +339,38 @@ class TritonBackend(Backend):
         weight: Tensor | None,
         sum_dy: Tensor,
         sum_dy_xmu: Tensor,
+        count: int | None = None,
     ) -> Tensor:
         if x.numel() == 0:
-            return _torch().backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu)
-        n = x.shape[0] * x.shape[2]
-        invstd = invstd.to(torch.float32)
-        k = invstd if weight is None else invstd * weight.to(torch.float32)  # C
-        a = -k * invstd * invstd * sum_dy_xmu.to(torch.float32) / n  # C
-        b = -k * sum_dy.to(torch.float32) / n - a * mean.to(torch.float32)  # C
+            return _torch().backward_apply(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
+        f32 = torch.float32
+        k, a, b = grad_input_coefficients(mean.to(f32), invstd.to(f32), weight, sum_dy, sum_dy_xmu, count_of(x, count))
         return self._affine(x, dy, torch.stack((a, b, k)))
 
     def forward_train(
-        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: Activation = IDENTITY
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if x.numel() == 0:
-            return _torch().forward_train(x, weight, bias, eps)
-        mean, var, y, coef = self._stats_and_coef(x, weight, bias, eps, with_coef=True)
+            return _torch().forward_train(x, weight, bias, eps, act)
+        mean, var, invstd, y, coef = self._stats_and_coef(x, weight, bias, eps, with_coef=True)
         if y is None:
             y = self._affine(x, None, coef)
-        return y, mean, var
+        return activations.apply_(y, act), mean, var, invstd
 
     def backward_train(
-        self, dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None = None,
+        act: Activation = IDENTITY,
     ) -> tuple[Tensor, Tensor, Tensor]:
         if x.numel() == 0:
-            return _torch().backward_train(dy, x, mean, invstd, weight)
+            return _torch().backward_train(dy, x, mean, invstd, weight, bias, act)
+        if act.kind.grad is not None:  # dz from the recomputed z, then the plain path below
+            return super().backward_train(dy, x, mean, invstd, weight, bias, act)
         dx, sum_dy, sum_dy_xmu = self._grad_sums(dy, x, mean, invstd, weight, with_dx=True)
         return dx, sum_dy, sum_dy_xmu
 

@@ -1,11 +1,11 @@
-"""The compiled running-statistics update against torch's formula, and its NaN/Inf skip."""
+"""The running-statistics update: the compiled CPU form against torch's formula, and its NaN/Inf skip."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from batchnorm._cpu_update import running_update
+from batchnorm.running import running_update
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
