@@ -123,3 +123,32 @@ def test_fold_leaves_the_model_untouched_and_folds_frozen_layers():
         assert sum(isinstance(m, FrozenBatchNorm) for m in result.modules()) == sum(
             isinstance(m, FrozenBatchNorm) for m in folded.modules())  # fmt: skip
     assert sum(isinstance(m, FrozenBatchNorm) for m in refolded.modules()) < 11
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 1e9:  # data-dependent control flow: torch.fx cannot trace this
+            return x
+        return self.bn(self.conv(x))
+
+
+def test_an_untraceable_model_is_frozen_and_says_why():
+    model = _DataDependent().eval()
+    with pytest.warns(UserWarning, match=r"fold: torch.fx cannot trace _DataDependent.forward \(TraceError.*freezing"):
+        folded = fold(model)
+    assert isinstance(folded.bn, FrozenBatchNorm)
+    x = torch.randn(2, 3, 6, 6)
+    assert_close(folded(x), model(x), 1e-5, 1e-5, "output")
+
+
+def test_a_bug_in_forward_is_not_taken_for_untraceable_python():
+    class Broken(_DataDependent):
+        def forward(self, x):
+            raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):
+        fold(Broken().eval())

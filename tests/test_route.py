@@ -1,5 +1,6 @@
-"""Which path a call takes: torch's own ops under tools that cannot see our kernels, on small CPU
-inputs and on every non-CPU device (GPU kernels opt-in); our kernels otherwise."""
+"""Which path a call takes: torch's own ops under tools that cannot see our kernels, where the
+registry's automatic choice is torch (small CPU inputs, every non-CPU device: GPU kernels are
+opt-in); our kernels otherwise."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch.autograd.forward_ad as forward_ad
 
 import batchnorm
 from batchnorm import _route, kernels
+from batchnorm.activations import IDENTITY
+from batchnorm.kernels.portable import TorchBackend
 
 
 def test_tools_that_need_torch_ops_are_recognized():
@@ -29,14 +32,41 @@ def test_tools_that_need_torch_ops_are_recognized():
 
 def test_small_cpu_calls_and_other_devices_take_torchs_kernel_unless_a_backend_is_forced():
     small, large = torch.randn(4, 3, 5, 5), torch.randn(2, 8, 130, 130)
-    assert _route.prefers_torch_kernel(small, None, None) and not _route.prefers_torch_kernel(large, None, None)
+    assert _route.runs_torch_ops(small, None, None, False) and not _route.runs_torch_ops(large, None, None, False)
+    assert not _route.runs_torch_ops(small, None, None, False, memory_saving=True)  # only our path saves memory
     meta = torch.empty(2, 8, 130, 130, device="meta")  # stands for a GPU tensor: any device but the CPU
-    assert _route.prefers_torch_kernel(meta, None, None)
+    assert _route.runs_torch_ops(meta, None, None, False)
     with batchnorm.backend("numba"):
-        assert not _route.prefers_torch_kernel(small, None, None)
+        assert not _route.runs_torch_ops(small, None, None, False)
     with batchnorm.backend("torch"):
-        assert not _route.prefers_torch_kernel(meta, None, None)
+        assert not _route.runs_torch_ops(meta, None, None, False)
     assert "triton" not in kernels.AUTOMATIC_ORDER  # opt-in until it has passed the GPU check
+
+
+class EagerBackend(TorchBackend):
+    """A stand-in for a new automatic backend that takes every tensor, small ones included."""
+
+    name = "eager-stand-in"
+    calls: list[str] = []
+
+    def prefers(self, x, fused=False):
+        return True
+
+    def forward_train(self, x, weight, bias, eps, act=IDENTITY):
+        self.calls.append("forward_train")
+        return super().forward_train(x, weight, bias, eps, act)
+
+
+def test_the_small_input_rule_is_the_registrys_so_a_new_backend_is_not_skipped(monkeypatch):
+    monkeypatch.setattr(kernels, "AUTOMATIC_ORDER", ["eager-stand-in", *kernels.AUTOMATIC_ORDER])
+    monkeypatch.setitem(kernels._FACTORIES, "eager-stand-in", f"{__name__}:EagerBackend")
+    monkeypatch.delitem(kernels._INSTANCES, "eager-stand-in", raising=False)
+    small = torch.randn(4, 3, 5, 5)
+    assert not _route.runs_torch_ops(small, None, None, False)
+    EagerBackend.calls.clear()
+    batchnorm.BatchNorm2d(3)(small)
+    assert EagerBackend.calls == ["forward_train"]
+    kernels._INSTANCES.pop("eager-stand-in", None)
 
 
 def test_a_layer_on_another_device_runs_torchs_ops():

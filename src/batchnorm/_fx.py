@@ -10,6 +10,8 @@ norm whole (timm's, detectron2's), whose buffers a trace into them would drop.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -29,6 +31,24 @@ def trace(model: nn.Module) -> fx.GraphModule:
     graph = _Tracer().trace(model)
     name = model.__class__.__name__ if isinstance(model, nn.Module) else model.__name__
     return fx.GraphModule(model, graph, name)
+
+
+# what symbolic tracing raises on Python it cannot follow (data-dependent control flow, len() of
+# a proxy, calls that need real values); anything else is a bug and propagates
+UNTRACEABLE = (fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError, AttributeError, ValueError)
+
+
+def trace_or_warn(model: nn.Module, caller: str, instead: str) -> fx.GraphModule | None:
+    """:func:`trace`, or ``None`` with a warning that says why and what ``caller`` does ``instead``."""
+    try:
+        return trace(model)
+    except UNTRACEABLE as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(
+            f"batchnorm.{caller}: torch.fx cannot trace {type(model).__name__}.forward ({reason}); {instead}",
+            stacklevel=3,
+        )
+        return None
 
 
 def record_call(module: nn.Module, input: fx.Proxy, residual: fx.Proxy | None = None) -> fx.Proxy:

@@ -54,11 +54,13 @@ def runs_torch_ops(
     so only tools and empty batches send it to torch's ops)."""
     if x.numel() == 0 or tool_needs_torch_ops():
         return True
-    if memory_saving or kernels.forced_name() is not None:
+    if memory_saving:
         return False
-    if x.device.type != "cpu":
-        return True
-    if torch.compiler.is_compiling() or kernels.select(as_ncl(x), fused).name != "torch":
+    if x.device.type != "cpu":  # our GPU kernels are opt-in, and eager only
+        return torch.compiler.is_compiling() or kernels.forced_name() is None
+    if torch.compiler.is_compiling() or kernels.forced_name() is not None:
+        return False
+    if kernels.select(as_ncl(x), fused).name != "torch":
         return False
     # torch's kernel keeps float32/float64 statistics only with parameters of the input's dtype
     return x.dtype in _NATIVE and (weight is None or weight.dtype == x.dtype) and (bias is None or bias.dtype == x.dtype)

@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from . import _fx, _torch_ops, activations, functional
-from ._fx import call_counts, trace
+from ._fx import call_counts, trace_or_warn
 from .activations import Activation
 
 __all__ = ["FrozenBatchNorm", "fold", "freeze"]
@@ -98,9 +98,8 @@ def fold(model: nn.Module) -> nn.Module:
     for a model that cannot be traced) and leaves the model you pass untouched.
     """
     model = copy.deepcopy(model)
-    try:
-        traced = trace(model)
-    except Exception:  # untraceable Python in forward
+    traced = trace_or_warn(model, "fold", "freezing its batch-norm layers instead of folding them")
+    if traced is None:
         return freeze(model)
     modules = dict(traced.named_modules())
     calls = call_counts(traced)

@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 
 from . import activations
-from ._fx import call_counts, trace
+from ._fx import call_counts, trace_or_warn
 from .activations import Activation
 from .convert import convert, convert_norm_act_layers
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -58,9 +58,8 @@ def fuse(model: nn.Module, memory_efficient: bool = False) -> nn.Module:
     """
     model = copy.deepcopy(model)
     convert_norm_act_layers(model)
-    try:
-        traced = trace(model)
-    except Exception:  # untraceable Python in forward: fall back to the module walk
+    traced = trace_or_warn(model, "fuse", "fusing the pairs inside nn.Sequential containers only")
+    if traced is None:
         return _fuse_sequentials(model, memory_efficient)
     if traced.state_dict().keys() != model.state_dict().keys():  # the trace would lose or rename state
         return _fuse_sequentials(model, memory_efficient)
