@@ -28,9 +28,11 @@ statistics; those live in ``_ops`` and ``running``.
 Choosing: ``BATCHNORM_BACKEND=name`` or ``with batchnorm.backend("name"):``
 forces one (a backend that cannot take a tensor falls back to ``torch``);
 otherwise the first available backend in ``AUTOMATIC_ORDER`` that supports the
-tensor's device and dtype and ``prefers`` its shape, plain or fused (measured:
-where torch's own kernels are faster, a backend declines), and ``torch`` for
-everything else.
+tensor's device and dtype and ``prefers`` its shape, plain or fused (where
+torch's own kernel is faster, a backend declines: that is the only size rule),
+and ``torch`` for everything else. When the automatic choice is ``torch``, the
+layer runs torch's own batch-norm op and autograd (``_route``), faster than the
+torch backend's stages behind ours.
 """
 
 from __future__ import annotations
