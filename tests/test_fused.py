@@ -1,15 +1,17 @@
-"""Fused activation and residual add, and the memory-saving mode, against torch's
-unfused composition; and how much each keeps for the backward."""
+"""Fused activation and residual add, and the memory-saving mode, against the NumPy float64
+reference in training and torch's unfused composition in eval; and how much each keeps for
+the backward."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import batchnorm
-from batchnorm import activations
+from batchnorm import activations, reference
 from batchnorm import functional as F
 from batchnorm._route import SMALL_NUMEL
 from batchnorm.memory import saved_bytes
@@ -26,6 +28,17 @@ def _torch_reference(x, bn: nn.Module, act, residual):
     if residual is not None:
         z = z + residual
     return activations.forward(z, activations.parse(act))
+
+
+def _reference_train(x, layer: nn.Module, act, residual, dy):
+    """``(y, dx, dweight, dbias, dresidual)`` of training-mode ``act(BN(x) + residual)`` with
+    ``layer``'s weight, bias and eps, from the float64 reference (``dresidual`` None without one)."""
+    a = activations.parse(act)
+    y, cache = reference.fused_forward(
+        x.detach().double().numpy(), layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy(),
+        layer.eps, None if residual is None else residual.detach().double().numpy(), a.name, a.param,
+    )  # fmt: skip
+    return (y, *reference.fused_backward(dy.detach().double().numpy(), cache))
 
 
 def _pair(shape, act, **kwargs):
@@ -53,18 +66,23 @@ def test_matches_torch_composition_train_and_eval(act, with_residual, shape, cha
         ro = rt = None
         if with_residual:
             ro, rt = r.clone().requires_grad_(), r.clone().requires_grad_()
-        yo, yt = ours(xo, ro), _torch_reference(xt, theirs, act, rt)
-        assert_close(yo, yt, 1e-5, 1e-5, f"training={training} output")
+        yo, yt = ours(xo, ro), _torch_reference(xt, theirs, act, rt)  # eval's expectation; running stats
+        g = torch.randn_like(yt)
+        yt.backward(g)
+        if training:  # the float64 reference
+            y_want, dx_want, dw_want, db_want, dr_want = _reference_train(x, ours, act, r, g)
+        else:
+            y_want, dx_want, dw_want, db_want = yt, xt.grad, theirs.weight.grad, theirs.bias.grad
+            dr_want = rt.grad if with_residual else None
+        assert_close(yo, y_want, 1e-5, 1e-5, f"training={training} output")
         if channels_last:
             assert yo.is_contiguous(memory_format=torch.channels_last)
-        g = torch.randn_like(yt)
         yo.backward(g)
-        yt.backward(g)
-        assert_close(xo.grad, xt.grad, 1e-4, 1e-4, "input grad")
-        assert_close(ours.weight.grad, theirs.weight.grad, 1e-4, 1e-4, "weight grad")
-        assert_close(ours.bias.grad, theirs.bias.grad, 1e-4, 1e-4, "bias grad")
+        assert_close(xo.grad, dx_want, 1e-4, 1e-4, "input grad")
+        assert_close(ours.weight.grad, dw_want, 1e-4, 1e-4, "weight grad")
+        assert_close(ours.bias.grad, db_want, 1e-4, 1e-4, "bias grad")
         if with_residual:
-            assert_close(ro.grad, rt.grad, 1e-5, 1e-5, "residual grad")
+            assert_close(ro.grad, dr_want, 1e-5, 1e-5, "residual grad")
         ours.zero_grad(), theirs.zero_grad()
     for key, value in theirs.state_dict().items():
         assert_close(ours.state_dict()[key], value, 1e-6, 1e-6, key)
@@ -103,26 +121,36 @@ def test_double_backward_through_a_masked_residual_is_refused_clearly(request):
 
 @pytest.mark.parametrize("act", ["identity", ("leaky_relu", 0.1), ("elu", 1.0)], ids=["identity", "leaky", "elu"])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_memory_efficient_equals_standard(act, inplace):
+def test_memory_efficient_matches_the_reference(act, inplace):
+    """Output and gradients against the float64 reference's forward and its backward from the
+    output; the running statistics against the standard layer's."""
+    a = activations.parse(act)
     standard, _ = _pair((4, 3, 5, 3), act)
     saving = batchnorm.BatchNorm2d(3, activation=act, memory_efficient=True, inplace=inplace)
     saving.load_state_dict(standard.state_dict())
+    gamma, beta = saving.weight.detach().double().numpy(), saving.bias.detach().double().numpy()
     for _ in range(2):
         x = torch.randn(4, 3, 5, 3) * 3 - 1
         w = torch.nn.Conv2d(3, 3, 1)  # a producer, so the in-place write hits a non-leaf
         xs, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ys = standard(w(xs))
+        standard(w(xs))
         produced = w(xm)
+        y_want, cache = reference.fused_forward(
+            produced.detach().double().numpy(), gamma, beta, saving.eps, activation=a.name, param=a.param
+        )  # (read before the in-place layer writes over it)
         ym = saving(produced)
         if inplace:
             assert ym.data_ptr() == produced.data_ptr()
-        assert_close(ym, ys, 1e-5, 1e-5, "output")
-        g = torch.randn_like(ys)
-        ys.backward(g)
+        assert_close(ym, y_want, 1e-5, 1e-5, "output")
+        g = torch.randn_like(ym)
         ym.backward(g)
-        assert_close(xm.grad, xs.grad, 1e-4, 1e-4, "input grad")
-        for name in ("weight", "bias"):
-            assert_close(getattr(saving, name).grad, getattr(standard, name).grad, 1e-4, 1e-4, name)
+        dproduced, dgamma, dbeta = reference.backward_from_output(
+            g.double().numpy(), y_want, gamma, beta, cache.bn.var, saving.eps, a.name, a.param
+        )
+        dx_want = np.einsum("oi,nohw->nihw", w.weight.detach().double().numpy()[:, :, 0, 0], dproduced)  # 1x1 conv
+        assert_close(xm.grad, dx_want, 1e-4, 1e-4, "input grad")
+        for name, want in (("weight", dgamma), ("bias", dbeta)):
+            assert_close(getattr(saving, name).grad, want, 1e-4, 1e-4, name)
         standard.zero_grad(), saving.zero_grad()
     for key, value in standard.state_dict().items():
         assert_close(saving.state_dict()[key], value, 1e-6, 1e-6, key)
@@ -153,10 +181,14 @@ def test_memory_efficient_double_backward_is_refused():
 
 
 def test_residual_that_broadcasts_or_promotes_is_added_unfused_and_a_bad_one_is_refused():
-    ours, theirs = _pair((2, 3, 4, 4), "relu")
+    ours, _ = _pair((2, 3, 4, 4), "relu")
     x = torch.randn(2, 3, 4, 4)
     for r in (torch.randn(3, 1, 1), torch.randn(2, 3, 4, 4, dtype=torch.float64)):
-        assert_close(ours(x, r), _torch_reference(x, theirs, "relu", r), 1e-5, 1e-5, f"residual {tuple(r.shape)}")
+        y_want, _ = reference.fused_forward(
+            x.double().numpy(), ours.weight.detach().double().numpy(), ours.bias.detach().double().numpy(),
+            ours.eps, np.broadcast_to(r.double().numpy(), x.shape), "relu",
+        )  # fmt: skip
+        assert_close(ours(x, r), y_want, 1e-5, 1e-5, f"residual {tuple(r.shape)}")
     with pytest.raises(ValueError, match=r"residual must broadcast to the input \(2, 3, 4, 4\), got \(2, 3, 4, 5\)"):
         ours(x, torch.randn(2, 3, 4, 5))
 

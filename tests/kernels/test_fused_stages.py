@@ -1,15 +1,14 @@
-"""Every CPU backend's fused activation stages (``forward_train_act``/``backward_train_act``,
-and ``forward_train_residual``/``backward_train_residual`` with their sign mask) against
-torch's autograd through the composite formula, in float64 and float32."""
+"""Every CPU backend's fused activation stages (``forward_train``/``backward_train`` with an
+activation, and ``forward_train_residual``/``backward_train_residual`` with their sign mask)
+against the NumPy float64 reference (``batchnorm.reference``), in float64 and float32."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from batchnorm import kernels
+from batchnorm import kernels, reference
 from batchnorm.activations import Activation
-from batchnorm.functional import composite_forward
 from batchnorm.kernels import cpu, sign_mask
 from tests.helpers import assert_close
 
@@ -21,31 +20,37 @@ def _channels_last(x):
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def _reference(x, w, b, dy, eps, act, residual=None):
+    """``(y, dx, dweight, dbias, dresidual)`` of ``act(BN(x) + residual)`` from the float64 reference."""
+    y, cache = reference.fused_forward(
+        x.double().numpy(), w.double().numpy(), b.double().numpy(), eps,
+        None if residual is None else residual.double().numpy(), act.name, act.param,
+    )  # fmt: skip
+    return (y, *reference.fused_backward(dy.double().numpy(), cache))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("act", ACTS, ids=str)
 @pytest.mark.parametrize(
     "shape,layout", [((4, 3, 7), "ncl"), ((5, 3, 6), "nlc"), ((9, 4, 1), "ncl"), ((2, 5, 1), "ncl")]
 )
 @pytest.mark.parametrize("dtype,atol,rtol", [(torch.float64, 1e-10, 1e-9), (torch.float32, 2e-5, 2e-5)])
-def test_fused_activation_stages_match_autograd(backend, act, shape, layout, dtype, atol, rtol):
+def test_fused_activation_stages_match_the_reference(backend, act, shape, layout, dtype, atol, rtol):
     impl = kernels.get(backend)
     x = torch.randn(shape, dtype=torch.float64) * 2 + 0.3
     w = torch.rand(shape[1], dtype=torch.float64) + 0.5
     b = torch.randn(shape[1], dtype=torch.float64)
     dy = torch.randn(shape, dtype=torch.float64)
     eps = 1e-3
-    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-    y_ref = composite_forward(xr, wr, br, eps, None, act)
-    dx_ref, dw_ref, db_ref = torch.autograd.grad(y_ref, (xr, wr, br), dy)
+    y_ref, dx_ref, dw_ref, db_ref, _ = _reference(x, w, b, dy, eps, act)
 
     xc, wc, bc, dyc = (t.to(dtype) for t in (x, w, b, dy))
     if layout == "nlc":
         xc, dyc = _channels_last(xc), _channels_last(dyc)
-    y, mean, var = impl.forward_train_act(xc, wc, bc, eps, act)
+    y, mean, _var, invstd = impl.forward_train(xc, wc, bc, eps, act=act)
     assert y.stride() == xc.stride()
     assert_close(y, y_ref, atol, rtol, "y")
-    invstd = torch.rsqrt(var + eps)
-    dx, sum_dz, sum_dz_xmu = impl.backward_train_act(dyc, xc, mean, invstd, wc, bc, act)
+    dx, sum_dz, sum_dz_xmu = impl.backward_train(dyc, xc, mean, invstd, wc, bc, act=act)
     assert_close(dx, dx_ref, atol * 10, rtol * 10, "dx")
     assert_close(sum_dz, db_ref, atol * 10, rtol * 10, "sum_dz (dbias)")
     assert_close(sum_dz_xmu * invstd, dw_ref, atol * 10, rtol * 10, "sum_dz_xmu * invstd (dweight)")
@@ -92,7 +97,7 @@ def _make_layout(t, layout):
 @pytest.mark.parametrize("act", RESIDUAL_ACTS, ids=str)
 @pytest.mark.parametrize("shape,layout", RESIDUAL_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype,atol,rtol", [(torch.float64, 1e-10, 1e-9), (torch.float32, 2e-5, 2e-5)])
-def test_fused_residual_stages_match_autograd(backend, act, shape, layout, dtype, atol, rtol, threads):
+def test_fused_residual_stages_match_the_reference(backend, act, shape, layout, dtype, atol, rtol, threads):
     impl = kernels.get(backend)
     x = torch.randn(shape, dtype=torch.float64) * 2 + 0.3
     r = torch.randn(shape, dtype=torch.float64)
@@ -100,14 +105,12 @@ def test_fused_residual_stages_match_autograd(backend, act, shape, layout, dtype
     b = torch.randn(shape[1], dtype=torch.float64)
     dy = torch.randn(shape, dtype=torch.float64)
     eps = 1e-3
-    xr, rr, wr, br = (t.clone().requires_grad_() for t in (x, r, w, b))
-    y_ref = composite_forward(xr, wr, br, eps, rr, act)
-    dx_ref, dr_ref, dw_ref, db_ref = torch.autograd.grad(y_ref, (xr, rr, wr, br), dy)
+    y_ref, dx_ref, dw_ref, db_ref, dr_ref = _reference(x, w, b, dy, eps, act, residual=r)
 
     xc, rc, wc, bc, dyc = (t.to(dtype) for t in (x, r, w, b, dy))
     xc, dyc = _make_layout(xc, layout), _make_layout(dyc, layout)
     rc = _make_layout(rc, "nlc" if layout == "ncl" else "ncl")  # the residual in the other layout
-    y, mean, var, mask = impl.forward_train_residual(xc, wc, bc, eps, rc, act)
+    y, mean, _var, invstd, mask = impl.forward_train_residual(xc, wc, bc, eps, rc, act)
     assert_close(y, y_ref, atol, rtol, "y")
     if layout != "strided":
         assert y.stride() == xc.stride()
@@ -116,7 +119,6 @@ def test_fused_residual_stages_match_autograd(backend, act, shape, layout, dtype
         return
     assert mask.dtype == torch.uint8 and tuple(mask.shape) == sign_mask.shape(xc)
     assert torch.equal(sign_mask.unpack(mask, xc), y > 0), "the mask is the sign of BN(x) + residual"
-    invstd = torch.rsqrt(var + eps)
     dx, dr, sum_dz, sum_dz_xmu = impl.backward_train_residual(dyc, xc, mean, invstd, wc, mask, act)
     assert_close(dx, dx_ref, atol * 10, rtol * 10, "dx")
     assert_close(dr, dr_ref, atol, rtol, "dresidual")
@@ -132,11 +134,10 @@ def test_a_mask_written_by_one_backend_is_read_by_the_other(forward_on, backward
     x, r, dy = (_make_layout(torch.randn(shape, dtype=torch.float64), layout) for _ in range(3))
     w, b = torch.rand(9, dtype=torch.float64) + 0.5, torch.randn(9, dtype=torch.float64)
     first, second = kernels.get(forward_on), kernels.get(backward_on)
-    y, mean, var, mask = first.forward_train_residual(x, w, b, 1e-5, r, act)
-    y2, _, _, mask2 = second.forward_train_residual(x, w, b, 1e-5, r, act)
+    y, mean, _var, invstd, mask = first.forward_train_residual(x, w, b, 1e-5, r, act)
+    y2, _, _, _, mask2 = second.forward_train_residual(x, w, b, 1e-5, r, act)
     assert_close(y2, y, 1e-12, 1e-10, "y")
     assert torch.equal(mask, mask2)
-    invstd = torch.rsqrt(var + 1e-5)
     got = second.backward_train_residual(dy, x, mean, invstd, w, mask, act)
     want = first.backward_train_residual(dy, x, mean, invstd, w, mask, act)
     for name, g, e in zip(["dx", "dresidual", "sum_dz", "sum_dz_xmu"], got, want, strict=True):
