@@ -2,10 +2,12 @@
 # The GPU check of the triton backend, in one run of at most ~8 minutes, offline:
 #   1. the GPU tests for real (pytest -m gpu), compiled kernels on the device;
 #   2. the triton test file compiled on the GPU (no interpreter): odd shapes, both paths;
-#   3. benchmarks/gpu_bench.py: ours vs torch eager vs torch.compile on ResNet-50's
-#      BN shapes at batch 256, bfloat16 and float32, NCHW and channels-last.
+#   3. the benchmark runner (batchnorm bench --device cuda): ours vs torch eager vs
+#      torch.compile on ResNet-50's BN shapes at batch 256, NCHW and channels-last,
+#      bfloat16 then float32, each with half of the time left.
 # Everything lands in OUT_DIR (default gpu-results/): env.txt, pytest-*.txt,
-# gpu_bench.md (the table), gpu_bench.csv, gpu_bench.log, summary.txt.
+# bench-bfloat16/ and bench-float32/ (results.md, the table, and results.csv),
+# bench-*.log, summary.txt.
 #
 # usage: bash benchmarks/gpu_check.sh [OUT_DIR]
 #        GPU_CHECK_TOTAL_S=470 (the whole run's budget, seconds)
@@ -66,18 +68,27 @@ else
     status=1
 fi
 
-budget=$(($(left) - 40))
 dry=()
 [ "${GPU_CHECK_DRY:-0}" = 1 ] && dry=(--dry-run --no-compile)
-echo "== benchmark (budget ${budget} s)"
-timeout "$(($(left) - 5))" python benchmarks/gpu_bench.py --out "$OUT" --budget-s "$budget" "${dry[@]}" 2>&1 |
-    tee "$OUT/gpu_bench.log"
-rc=${PIPESTATUS[0]}
-[ "$rc" -ne 0 ] && status=1
+for dtype in bfloat16 float32; do
+    # bfloat16 gets half of what is left, float32 the rest; the runner starts no new work past its
+    # budget (torch.compile last), keeps going past a failing case, and rewrites its table after each
+    if [ "$dtype" = bfloat16 ]; then budget=$((($(left) - 40) / 2)); else budget=$(($(left) - 25)); fi
+    [ "$budget" -lt 10 ] && budget=10
+    echo "== benchmark, $dtype (budget ${budget} s)"
+    timeout "$((budget + 15))" python benchmarks/run.py --device cuda --dtype "$dtype" --batch 256 --cases r50 \
+        --modes train-fwd,train-fwdbwd,eval --repeats 5 --kernels --keep-going --no-memory --budget-s "$budget" \
+        --out "$OUT/bench-$dtype" "${dry[@]}" 2>&1 | tee "$OUT/bench-$dtype.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && status=1
+done
 
 {
     echo "gpu_check: $(($(date +%s) - START)) s, exit status $status"
     grep -h -E "passed|failed|error" "$OUT"/pytest-*.txt | tail -n 4
-    sed -n '/^- /p' "$OUT/gpu_bench.md" 2>/dev/null
+    for dtype in bfloat16 float32; do
+        echo "benchmark, $dtype:"
+        sed -n '/^- /p' "$OUT/bench-$dtype/results.md" 2>/dev/null
+    done
 } | tee "$OUT/summary.txt"
 exit "$status"

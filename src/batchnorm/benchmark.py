@@ -1,17 +1,19 @@
-"""``batchnorm bench``: our layers against torch eager and torch.compile, side by side.
+"""``batchnorm bench``: our layers against torch eager and torch.compile, side by side, on CPU or GPU.
 
-For each case (a layer shape and memory layout) and mode it checks our results
-against torch eager (and against ``batchnorm.reference`` for plain layers up to
-4M elements), then times the three implementations interleaved (one call of each
-per round, so a noisy machine slows all of them alike) and reports medians.
+The cases are the shared table of :mod:`batchnorm.cases` (ResNet-50's batch-norm
+layers at batch 32, or 256 with ``--device cuda``; MLP and small shapes). For
+each case and mode it checks our results against torch eager (and against
+``batchnorm.reference`` for plain layers up to 4M elements), then times the
+three implementations interleaved (one round of each in turn, so a noisy
+machine slows all of them alike) and reports medians.
 
 Modes: ``train-fwd``, ``train-fwdbwd`` and ``eval`` time the plain layer;
 ``fused-relu`` and ``fused-add-relu`` time forward+backward of the fused blocks
 ``relu(BN(x))`` and ``relu(BN(x) + r)``: our layer with ``activation="relu"``
 against torch's BN, add and ReLU as separate modules (eager, and compiled). With
-the fused modes selected, a memory report follows the table: bytes kept for the
-backward per block, and the saved and peak bytes of a training step of the
-ResNet-style client (``experiments.resnet``), ours after ``batchnorm.fuse``
+the fused modes selected, a memory report follows the table (CPU): bytes kept
+for the backward per block, and the saved and peak bytes of a training step of
+the ResNet-style client (``experiments.resnet``), ours after ``batchnorm.fuse``
 against torch's layers (``batchnorm.memory``).
 
 Bandwidth napkin math, the fewest bytes each mode must move (element size s,
@@ -21,9 +23,21 @@ writes y (2ns); ``fused-relu`` moves what train forward+backward does (5ns),
 ``fused-add-relu`` also reads r and writes its gradient (7ns). The C-sized
 parameters, statistics and the 1-bit sign mask are ignored. "GB/s" is
 that byte count over our median time, "% copy" its fraction of the machine's
-copy bandwidth (``dst.copy_(src)`` into an existing 256 MiB buffer, counted as
-read + write), measured at start. A freshly allocated output costs page faults
-on top of that (shown as the "fresh-copy" figure: ``src.clone()``).
+copy bandwidth (``dst.copy_(src)`` into an existing 256 MiB buffer, 1 GiB on a
+GPU, counted as read + write), measured at start. A freshly allocated output
+costs page faults on top of that (shown as the "fresh-copy" figure: ``src.clone()``).
+
+On a GPU (``--device cuda``) a round is a block of calls lasting about
+``--target-ms``, timed with CUDA events; ``--dtype bfloat16`` or ``float16``
+keeps the parameters in float32, as autocast gives (on any device). Options for
+a run with a deadline, such as ``benchmarks/gpu_check.sh``: ``--budget-s``
+stops starting new work once spent and moves torch.compile (seconds per case)
+to a second pass, after every case has ours and torch, forward+backward first;
+``--keep-going`` reports a failing case and goes on (exit status 1 at the end);
+``--kernels`` adds our backend's kernels alone, without the layer around them.
+With ``--out`` the table is rewritten after every case, so a run cut short
+still leaves its results. ``--dry-run`` runs the selected cases shrunk
+(``cases.shrink``) on the CPU, whatever ``--device`` says: a test of the harness.
 """
 
 from __future__ import annotations
@@ -32,6 +46,8 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
+from .cases import QUICK, Case, shrink
+from .cases import cases as case_table
 from .usage import UsageError
 
 PLAIN_MODES = ("train-fwd", "train-fwdbwd", "eval")
@@ -44,67 +60,58 @@ BYTES_PER_ELEMENT_MOVED = {  # in units of n * itemsize
     "fused-relu": 5,
     "fused-add-relu": 7,
 }
-FUSED_RELU_TARGET = 3.0  # geomean vs torch eager on the ResNet-50 set
-LARGE_NUMEL = 1 << 23  # "large cases" for the bandwidth targets: 8M elements (32 MiB float32) and up
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+HALF_DTYPES = ("bfloat16", "float16")  # parameters stay float32, as autocast gives
+TOLERANCE = {"float64": 1e-9, "float32": 1e-4, "bfloat16": 4e-2, "float16": 1e-2}  # against torch eager
 REFERENCE_MAX_NUMEL = 1 << 22
 NOISY_SPREAD = 1.2  # rounds of one timing that differ by more than this: the machine is busy
 
 
 @dataclass(frozen=True)
-class Case:
-    name: str
-    group: str  # "resnet50", "mlp", "small"
-    shape: tuple[int, ...]
-    channels_last: bool = False
+class Targets:
+    """What the closing lines measure the results against, per device."""
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def _resnet50_cases(batch: int = 32) -> list[Case]:
-    """The distinct BatchNorm2d input shapes of torchvision's ResNet-50 at 224x224."""
-    shapes = [  # (channels, side)
-        (64, 112),  # stem
-        (64, 56), (256, 56),  # layer1
-        (128, 56), (128, 28), (512, 28),  # layer2
-        (256, 28), (256, 14), (1024, 14),  # layer3
-        (512, 14), (512, 7), (2048, 7),  # layer4
-    ]  # fmt: skip
-    cases = []
-    for channels_last in (False, True):
-        for c, side in shapes:
-            tag = "nhwc" if channels_last else "nchw"
-            cases.append(Case(f"r50-{c}x{side}-{tag}", "resnet50", (batch, c, side, side), channels_last))
-    return cases
+    fwdbwd: float  # train fwd+bwd on the ResNet-50 set: geomean vs torch eager
+    fwdbwd_lowest: float  # ... and its lowest case
+    copy: dict[str, float]  # mode -> fraction of the copy bandwidth on the large cases
+    large_numel: int  # "large cases": this many elements and up
+    fused_relu: float | None = None  # BN+ReLU fwd+bwd on the ResNet-50 set: geomean vs torch eager
+    fwdbwd_compile: float | None = None  # train fwd+bwd on the ResNet-50 set: geomean vs torch.compile
 
 
-def all_cases() -> list[Case]:
-    return [
-        *_resnet50_cases(),
-        Case("mlp-256x1024", "mlp", (256, 1024)),
-        Case("mlp-4096x4096", "mlp", (4096, 4096)),
-        Case("small-8x16x8x8", "small", (8, 16, 8, 8)),
-        Case("small-32x64", "small", (32, 64)),
-        Case("small-4x32x16x16-nhwc", "small", (4, 32, 16, 16), True),
-    ]
-
-
-QUICK_CASES = ("small-8x16x8x8", "small-32x64", "small-4x32x16x16-nhwc", "r50-2048x7-nhwc")
+TARGETS = {
+    "cpu": Targets(2.5, 1.0, {"train-fwd": 0.6, "eval": 0.8}, 1 << 23, fused_relu=3.0),  # 8M: 32 MiB float32
+    "cuda": Targets(1.3, 0.9, {"train-fwd": 0.8}, 1 << 26, fwdbwd_compile=1.0),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="input dtype (default float32); bfloat16 and float16 keep float32 parameters")  # fmt: skip
     parser.add_argument("--cases", default="", help="comma-separated substrings; run only cases whose name has one")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--batch", type=int, default=None, help="batch of the ResNet-50 cases (default 32, cuda 256)")
     parser.add_argument("--quick", action="store_true", help="a few small cases, few repeats: seconds, for tests")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="the selected cases shrunk to at most 50K elements, on the CPU whatever --device says: "
+                        "tests the harness")  # fmt: skip
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 7, quick 3)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds per case (default 7, quick 3, dry run 1)")  # fmt: skip
+    parser.add_argument("--target-ms", type=float, default=20.0,
+                        help="cuda: length of one timed round, a block of calls (default 20)")  # fmt: skip
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new work after this many seconds; torch.compile is then timed in a second "
+                        "pass, train-fwdbwd first, after every case has ours and torch")  # fmt: skip
+    parser.add_argument("--keep-going", action="store_true",
+                        help="list a case that fails or disagrees and go on (exit status 1)")  # fmt: skip
+    parser.add_argument("--kernels", action="store_true",
+                        help="also time our backend's kernels alone (train modes), and name the backend")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="folder for results.md and results.csv (files of an earlier bench run there are "
-                        "replaced, nothing else is touched)")  # fmt: skip
+                        help="folder for results.md and results.csv, rewritten after every case (files of an "
+                        "earlier bench run there are replaced, nothing else is touched)")  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="leave out the fused layers' memory report")
 
 
@@ -118,6 +125,8 @@ class Row:
     gbps: float
     frac_copy: float
     spread: float = field(default=1.0)  # slowest round / fastest round, of the noisiest implementation
+    kernels_ms: float | None = None  # --kernels: our backend's kernels alone
+    backend: str = ""  # --kernels: the backend our layer ran
 
     @property
     def noisy(self) -> bool:
@@ -134,10 +143,20 @@ class Row:
 
 def _checked(args: argparse.Namespace) -> tuple[list[str], list[Case]]:
     """The modes and cases asked for; a bad option is a usage error naming it (before any work)."""
-    for option in ("repeats", "threads"):
+    for option in ("repeats", "threads", "batch", "target_ms", "budget_s"):
         value = getattr(args, option)
         if value is not None and value <= 0:
-            raise UsageError(f"--{option} must be a positive integer, got {value}")
+            kind = "integer" if option in ("repeats", "threads", "batch") else "number"
+            raise UsageError(f"--{option.replace('_', '-')} must be a positive {kind}, got {value}")
+    device = args.device.split(":")[0]
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, got {args.device!r}")
+    if device == "cuda" and not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: torch {torch.__version__} sees no CUDA device here "
+                             "(--dry-run runs the same cases shrunk, on the CPU)")  # fmt: skip
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
         if mode not in MODES:
@@ -149,20 +168,19 @@ def _checked(args: argparse.Namespace) -> tuple[list[str], list[Case]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-    import platform
     import time
 
     modes, cases = _checked(args)
     import torch
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: no CUDA device available")
+    device = torch.device("cpu" if args.dry_run else args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    repeats = args.repeats or (3 if args.quick else 7)
+    small = args.quick or args.dry_run
+    repeats = args.repeats or (1 if args.dry_run else 3 if args.quick else 7)
     folder = None
     if args.out:  # files of an earlier bench run there are replaced, nothing else
         from .run_folder import RunFolder
@@ -170,81 +188,190 @@ def run(args: argparse.Namespace) -> int:
         folder = RunFolder(args.out, "bench")
         folder.check(["results.md", "results.csv"])
 
-    copy_gbps, fresh_gbps = _copy_bandwidth(device, quick=args.quick)
+    copy_gbps, fresh_gbps = _copy_bandwidth(device, quick=small)
+    top = [_header(args, device, dtype, repeats, copy_gbps, fresh_gbps), "", LEGEND, "", _markdown_header(args.kernels)]
+    print(*top, sep="\n", flush=True)
+
+    jobs = [(case, mode) for case in cases for mode in modes]
+    budget = args.budget_s
+    if budget is not None:  # the headline mode first, in case the budget runs out
+        jobs.sort(key=lambda job: job[1] != "train-fwdbwd")
+    compile_later = budget is not None and not args.no_compile
+    done: dict[tuple[str, str], Row] = {}
+    failed: list[str] = []  # ours failed or disagreed: exit status 1
+    compile_failed: list[str] = []  # torch.compile failed: a result, not a failure of ours
+    left_out = {"rows": 0, "compile": 0}
+    progress = f"{len(jobs)} rows"
+    started = time.perf_counter()
+
+    def rows() -> list[Row]:  # in the table's order, whatever order they ran in
+        return [done[c.name, m] for c in cases for m in modes if (c.name, m) in done]
+
+    def closing() -> list[str]:
+        return [
+            *_summary(rows(), TARGETS[device.type]),
+            *_noise_note(rows(), repeats),
+            *([f"- budget spent: {left_out['rows']} of {len(jobs)} rows not run"] if left_out["rows"] else []),
+            *([f"- torch.compile not timed (budget) in {left_out['compile']} rows"] if left_out["compile"] else []),
+            *[f"- FAILED {line}" for line in failed],
+            *[f"- torch.compile failed: {line}" for line in compile_failed],
+        ]
+
+    def table(end: list[str]) -> list[str]:
+        return [*top, *(_markdown_row(r, args.kernels) for r in rows()), "", *end]
+
+    def measure(case: Case, mode: str, with_compile: bool) -> None:
+        try:
+            row = _bench_one(case, mode, device, dtype, repeats, with_compile, copy_gbps, args.kernels, args.target_ms)
+        except Exception as error:  # with --keep-going one broken case does not hide the others
+            if not args.keep_going:
+                raise
+            message = (str(error).strip().splitlines() or [""])[0][:300]
+            compile_only = compile_later and with_compile  # ours passed in the first pass
+            listed = compile_failed if compile_only else failed
+            listed.append(f"{case.name}/{mode}: {type(error).__name__}: {message}")
+            print(f"- {'torch.compile failed:' if compile_only else 'FAILED'} {listed[-1]}", flush=True)
+            return
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        done[case.name, mode] = row
+        print(_markdown_row(row, args.kernels), flush=True)
+        if folder is not None:  # a run cut short still leaves what it measured
+            _write(folder, table([*closing(), f"- run in progress: {len(done)} of {progress}"]), rows(), args.kernels)
+
+    def spent(cost: float = 0.0) -> bool:
+        return budget is not None and time.perf_counter() - started + cost > budget
+
+    for k, (case, mode) in enumerate(jobs):
+        if spent():
+            left_out["rows"] = len(jobs) - k
+            print(f"budget spent: {left_out['rows']} of {len(jobs)} rows left out", flush=True)
+            break
+        measure(case, mode, with_compile=not args.no_compile and not compile_later)
+    if compile_later:  # a second pass, with torch.compile, while the budget lasts
+        print("", "again with torch.compile, while the budget lasts:", sep="\n", flush=True)
+        ready = [(case, mode) for case, mode in jobs if (case.name, mode) in done]
+        progress = f"{len(jobs)} rows; torch.compile pass"
+        last_cost = 0.0
+        for k, (case, mode) in enumerate(ready):
+            if spent(1.5 * last_cost):
+                left_out["compile"] = len(ready) - k
+                print(f"budget spent: torch.compile left out in {left_out['compile']} rows", flush=True)
+                break
+            began = time.perf_counter()
+            measure(case, mode, with_compile=True)
+            last_cost = time.perf_counter() - began
+
+    summary = closing()
+    memory: list[str] = []
+    if not args.no_memory and any(m in FUSED_MODES for m in modes) and device.type == "cpu":
+        memory = ["", *memory_report(quick=small)]
+    print("", *summary, f"({time.perf_counter() - started:.0f} s)", *memory, sep="\n")
+    if folder is not None:
+        _write(folder, table([*summary, *memory]), rows(), args.kernels)
+        print(f"wrote {folder.out / 'results.md'} and results.csv")
+    return 1 if failed else 0
+
+
+def _write(folder, table: list[str], rows: list[Row], kernels: bool) -> None:
+    """results.md and results.csv into ``folder`` (a RunFolder), replacing the earlier ones."""
+    staged = folder.stage()
+    try:
+        (staged / "results.md").write_text("\n".join(table) + "\n")
+        (staged / "results.csv").write_text(_csv(rows, kernels))
+        folder.publish()
+    except BaseException:
+        folder.discard()
+        raise
+
+
+def _header(args, device, dtype, repeats: int, copy_gbps: float, fresh_gbps: float) -> str:
+    import os
+    import platform
+
+    import torch
+
     import batchnorm
 
     chosen = batchnorm.kernels.select(torch.empty(2, 2, 2, device=device, dtype=dtype)).name
-    header = (
-        f"# batchnorm bench: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, {args.dtype}, "
-        f"backend {chosen!r}\n"
-        f"copy bandwidth {copy_gbps:.1f} GB/s (into an existing buffer), "
-        f"{fresh_gbps:.1f} GB/s (fresh output, page faults included); medians of {repeats} rounds"
-    )
-    print(header, "", LEGEND, "", _markdown_header(), sep="\n", flush=True)
-
-    rows: list[Row] = []
-    started = time.perf_counter()
-    for case in cases:
-        for mode in modes:
-            rows.append(_bench_one(case, mode, device, dtype, repeats, not args.no_compile, copy_gbps))
-            print(_markdown_row(rows[-1]), flush=True)
-    summary = [*_summary(rows), *_noise_note(rows, repeats)]
-    memory: list[str] = []
-    if not args.no_memory and any(m in FUSED_MODES for m in modes) and device.type == "cpu":
-        memory = ["", *memory_report(quick=args.quick)]
-    table = "\n".join([header, "", LEGEND, "", _markdown_header(), *map(_markdown_row, rows), "", *summary, *memory])
-    print("", *summary, f"({time.perf_counter() - started:.0f} s)", *memory, sep="\n")
-    if folder is not None:
-        staged = folder.stage()
+    if device.type == "cuda":
         try:
-            (staged / "results.md").write_text(table + "\n")
-            (staged / "results.csv").write_text(_csv(rows))
-            folder.publish()
-        except BaseException:
-            folder.discard()
-            raise
-        print(f"wrote {folder.out / 'results.md'} and results.csv")
-    return 0
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = "absent"
+        machine = (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+                   f"cuDNN {torch.backends.cudnn.version()}, triton {triton_version}")  # fmt: skip
+        rounds = f"rounds of about {args.target_ms:g} ms of calls, timed with CUDA events"
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        rounds = "rounds"
+    params = " (float32 parameters)" if args.dtype in HALF_DTYPES else ""
+    dry = "; dry run: the cases shrunk, on the CPU" if args.dry_run else ""
+    return (
+        f"# batchnorm bench: {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {device}, {args.dtype}{params}, backend {chosen!r}\n"
+        f"copy bandwidth {copy_gbps:.1f} GB/s (into an existing buffer), "
+        f"{fresh_gbps:.1f} GB/s (fresh output, page faults included); medians of {repeats} {rounds}{dry}"
+    )
 
 
 def _select_cases(args) -> list[Case]:
-    cases = all_cases()
+    batch = args.batch or (256 if args.device.startswith("cuda") else 32)
+    table = case_table(batch=batch)
     if args.quick and not args.cases:
-        return [c for c in cases if c.name in QUICK_CASES]
-    wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
-    return [c for c in cases if not wanted or any(w in c.name for w in wanted)]
+        table = [c for c in table if c.name in QUICK]
+    else:
+        wanted = [w.strip() for w in args.cases.split(",") if w.strip()]
+        table = [c for c in table if not wanted or any(w in c.name for w in wanted)]
+    return [shrink(c) for c in table] if args.dry_run else table
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _copy_bandwidth(device, quick: bool) -> tuple[float, float]:
-    """Read + write GB/s of a 256 MiB copy (16 MiB with --quick): into a buffer, and into a fresh one."""
-    import statistics
+def _time_block(fn, device, calls: int = 1) -> float:
+    """Seconds per call of ``fn`` over ``calls`` calls in a row: CUDA events on a GPU, else the wall clock."""
     import time
 
     import torch
 
-    n = (1 << 22) if quick else (1 << 26)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - began) / calls
+
+
+def _calls_per_round(fn, device, target_ms: float) -> int:
+    """One call a round on a CPU; on a GPU as many as take about ``target_ms`` (3 to 200)."""
+    if device.type != "cuda":
+        return 1
+    once = max(_time_block(fn, device) * 1e3, 1e-3)
+    return max(3, min(200, int(target_ms / once)))
+
+
+def _copy_bandwidth(device, quick: bool) -> tuple[float, float]:
+    """Read + write GB/s of a 256 MiB copy (1 GiB on a GPU, 16 MiB with --quick): into a buffer, and into a
+    fresh one."""
+    import statistics
+
+    import torch
+
+    n = (1 << 22) if quick else (1 << 28) if device.type == "cuda" else (1 << 26)
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
     into, fresh = [], []
     for _ in range(3 if quick else 7):
-        _sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        into.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        out = src.clone()
-        _sync(device)
-        fresh.append(time.perf_counter() - start)
-        del out
+        into.append(_time_block(lambda: dst.copy_(src), device))
+        fresh.append(_time_block(src.clone, device))
     nbytes = 2 * n * src.element_size()
     return nbytes / statistics.median(into) / 1e9, nbytes / statistics.median(fresh) / 1e9
 
@@ -269,8 +396,8 @@ def _eager_block():
 
 
 def _layers(case: Case, device, dtype, mode: str = "train-fwd"):
-    """(ours, torch) layers with the same parameters, in train mode; for a fused mode, our layer
-    with ``activation="relu"`` and torch's BN + ReLU modules."""
+    """(ours, torch) layers with the same parameters (float32 for half inputs), in train mode; for
+    a fused mode, our layer with ``activation="relu"`` and torch's BN + ReLU modules."""
     import torch
 
     import batchnorm
@@ -278,6 +405,8 @@ def _layers(case: Case, device, dtype, mode: str = "train-fwd"):
     c = case.shape[1]
     kind = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[len(case.shape)]
     extra = {"activation": "relu"} if mode in FUSED_MODES else {}
+    if dtype in (torch.bfloat16, torch.float16):
+        dtype = torch.float32  # the parameters, as autocast leaves them
     ours = getattr(batchnorm, kind)(c, device=device, dtype=dtype, **extra)
     theirs = getattr(torch.nn, kind)(c, device=device, dtype=dtype)
     with torch.no_grad():
@@ -316,9 +445,18 @@ def _step(layer, x, dy, mode, r=None):
     return (layer(x),)
 
 
-def _bench_one(case: Case, mode: str, device, dtype, repeats: int, with_compile: bool, copy_gbps: float) -> Row:
+def _bench_one(
+    case: Case,
+    mode: str,
+    device,
+    dtype,
+    repeats: int,
+    with_compile: bool,
+    copy_gbps: float,
+    kernels: bool = False,
+    target_ms: float = 20.0,
+) -> Row:
     import statistics
-    import time
 
     import torch
 
@@ -346,21 +484,45 @@ def _bench_one(case: Case, mode: str, device, dtype, repeats: int, with_compile:
     with grad_ctx():
         results = {name: _step(layer, x, dy, mode, r) for name, layer in impls.items()}  # warm-up, compile
         _validate(case, mode, {**results, "block": theirs, "residual": r}, x, dy, ours)
-        for layer in impls.values():  # a second warm-up: compiled backward, caches
-            _step(layer, x, dy, mode, r)
-        times: dict[str, list[float]] = {name: [] for name in impls}
+        steps = {name: (lambda layer=layer: _step(layer, x, dy, mode, r)) for name, layer in impls.items()}
+        backend = ""
+        if kernels:
+            backend, step = _kernel_step(x, dy, ours, mode)
+            if step is not None:
+                steps["kernels"] = step
+        for step in steps.values():  # a second warm-up: compiled backward, caches; the kernels' first
+            step()
+        calls = {name: _calls_per_round(step, device, target_ms) for name, step in steps.items()}
+        times: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(repeats):
-            for name, layer in impls.items():
-                _sync(device)
-                start = time.perf_counter()
-                _step(layer, x, dy, mode, r)
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
+            for name, step in steps.items():
+                times[name].append(_time_block(step, device, calls[name]))
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     nbytes = BYTES_PER_ELEMENT_MOVED[mode] * case.numel * x.element_size()
     gbps = nbytes / (ms["ours"] / 1e3) / 1e9
     spread = max(max(t) / min(t) for t in times.values())  # slowest over fastest round, worst implementation
-    return Row(case, mode, ms["ours"], ms["torch"], ms.get("compile"), gbps, gbps / copy_gbps, spread)
+    return Row(case, mode, ms["ours"], ms["torch"], ms.get("compile"), gbps, gbps / copy_gbps, spread,
+               ms.get("kernels"), backend)  # fmt: skip
+
+
+def _kernel_step(x, dy, ours, mode: str):
+    """(name of the backend our layer runs, a call of its forward (and backward) kernels alone, without
+    the layer, autograd and running statistics around them; None for the modes it does not cover)."""
+    import torch
+
+    from batchnorm import kernels
+
+    x3 = x.detach().reshape(x.shape[0], x.shape[1], -1)  # the (N, C, L) view, no copy
+    backend = kernels.select(x3, fused=mode in FUSED_MODES)
+    if mode not in ("train-fwd", "train-fwdbwd"):
+        return backend.name, None
+    w, b = ours.weight.detach(), ours.bias.detach()
+    if mode == "train-fwd":
+        return backend.name, lambda: backend.forward_train(x3, w, b, ours.eps)
+    dy3 = dy.reshape(x3.shape)
+    mean, invstd = torch.zeros_like(w), torch.ones_like(w)  # values do not change the time
+    return backend.name, lambda: (backend.forward_train(x3, w, b, ours.eps),
+                                  backend.backward_train(dy3, x3, mean, invstd, w))  # fmt: skip
 
 
 def _validate(case: Case, mode: str, results, x, dy, ours) -> None:
@@ -382,7 +544,7 @@ def _validate(case: Case, mode: str, results, x, dy, ours) -> None:
     for name, got, want in zip(names, results["ours"], expected, strict=False):
         got, want = got.detach(), want.detach()
         scale = float(want.abs().max()) if want.numel() else 1.0
-        tol = 1e-4 if x.dtype == torch.float32 else 1e-9
+        tol = TOLERANCE[str(x.dtype).removeprefix("torch.")]
         if not torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * max(1.0, scale)):
             err = float((got - want).abs().max())
             raise AssertionError(f"{case.name} {mode}: {name} differs from torch eager by {err:.3e}")
@@ -406,7 +568,7 @@ def _validate(case: Case, mode: str, results, x, dy, ours) -> None:
             expected += [dx, dgamma, dbeta]
     for name, got, want in zip(names, results["ours"], expected, strict=False):
         err = float(np.abs(got.detach().double().cpu().numpy() - want).max())
-        tol = (1e-4 if x.dtype == torch.float32 else 1e-9) * max(1.0, float(np.abs(want).max()))
+        tol = TOLERANCE[str(x.dtype).removeprefix("torch.")] * max(1.0, float(np.abs(want).max()))
         if err > tol:
             raise AssertionError(f"{case.name} {mode}: {name} differs from the reference by {err:.3e}")
 
@@ -458,26 +620,29 @@ def _verdict(value: float, target: float, at_least: bool = True) -> str:
     return f"target {'>=' if at_least else '<='} {target:g}x: {'met' if met else 'not met'}"
 
 
-def _markdown_header() -> str:
+def _markdown_header(kernels: bool = False) -> str:
     return (
-        "| case | shape | mode | ours ms | torch ms | compile ms | vs torch | vs compile | GB/s | % copy |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| case | shape | mode | ours ms | torch ms | compile ms | vs torch | vs compile | GB/s | % copy |"
+        + (" backend | kernels ms |" if kernels else "")
+        + "\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---|---:|" if kernels else "")
     )
 
 
-def _markdown_row(r: Row) -> str:
+def _markdown_row(r: Row, kernels: bool = False) -> str:
     shape = "x".join(map(str, r.case.shape))
     mark = "~" if r.noisy else ""
     return (
         f"| {r.case.name} | {shape} | {r.mode} | {r.ours_ms:.3f} | {r.torch_ms:.3f} | {_fmt(r.compile_ms, '.3f')} "
         f"| {r.vs_torch:.2f}x{mark} | {_fmt(r.vs_compile, '.2f')}{'x' if r.vs_compile else ''}"
         f"{mark if r.vs_compile else ''} | {r.gbps:.1f} | {r.frac_copy:.0%} |"
+        + (f" {r.backend} | {_fmt(r.kernels_ms, '.3f')} |" if kernels else "")
     )
 
 
-def _csv(rows: list[Row]) -> str:
+def _csv(rows: list[Row], kernels: bool = False) -> str:
     lines = ["case,group,shape,channels_last,mode,ours_ms,torch_ms,compile_ms,vs_torch,vs_compile,gbps,frac_copy,"
-             "spread"]  # fmt: skip
+             "spread" + (",backend,kernels_ms" if kernels else "")]  # fmt: skip
     for r in rows:
         lines.append(
             ",".join(
@@ -495,6 +660,7 @@ def _csv(rows: list[Row]) -> str:
                     f"{r.gbps:.2f}",
                     f"{r.frac_copy:.3f}",
                     f"{r.spread:.3f}",
+                    *([r.backend, _fmt(r.kernels_ms, ".4f").replace("-", "")] if kernels else []),
                 ]
             )
         )
@@ -505,19 +671,24 @@ def _geomean(values: list[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
-def _summary(rows: list[Row]) -> list[str]:
+def _summary(rows: list[Row], targets: Targets = TARGETS["cpu"]) -> list[str]:
     """The figures the targets speak of, for whatever subset was run."""
     out = []
     fb = [r for r in rows if r.case.group == "resnet50" and r.mode == "train-fwdbwd"]
     if fb:
         worst = min(fb, key=lambda r: r.vs_torch)
-        out.append(
+        line = (
             f"- train fwd+bwd, ResNet-50 set ({len(fb)} cases): geomean {_geomean([r.vs_torch for r in fb]):.2f}x "
-            f"torch eager ({_verdict(_geomean([r.vs_torch for r in fb]), 2.5)}), lowest {worst.vs_torch:.2f}x "
-            f"({worst.case.name}; {_verdict(worst.vs_torch, 1.0)})"
+            f"torch eager ({_verdict(_geomean([r.vs_torch for r in fb]), targets.fwdbwd)}), lowest "
+            f"{worst.vs_torch:.2f}x ({worst.case.name}; {_verdict(worst.vs_torch, targets.fwdbwd_lowest)})"
         )
-    for mode, target in (("train-fwd", 0.6), ("eval", 0.8)):
-        large = [r for r in rows if r.mode == mode and r.case.numel >= LARGE_NUMEL]
+        with_compile = [r.vs_compile for r in fb if r.vs_compile is not None]
+        if targets.fwdbwd_compile is not None and with_compile:
+            geo = _geomean(with_compile)
+            line += f"; {geo:.2f}x torch.compile in {len(with_compile)} ({_verdict(geo, targets.fwdbwd_compile)})"
+        out.append(line)
+    for mode, target in targets.copy.items():
+        large = [r for r in rows if r.mode == mode and r.case.numel >= targets.large_numel]
         if large:
             fracs = [r.frac_copy for r in large]
             out.append(
@@ -530,7 +701,8 @@ def _summary(rows: list[Row]) -> list[str]:
         if fused:
             worst = min(fused, key=lambda r: r.vs_torch)
             geo = _geomean([r.vs_torch for r in fused])
-            target = f" ({_verdict(geo, FUSED_RELU_TARGET)})" if mode == "fused-relu" else ""
+            goal = targets.fused_relu if mode == "fused-relu" else None
+            target = f" ({_verdict(geo, goal)})" if goal is not None else ""
             line = (
                 f"- {what} fwd+bwd, ResNet-50 set ({len(fused)} cases): geomean "
                 f"{_geomean([r.vs_torch for r in fused]):.2f}x torch eager{target}, lowest {worst.vs_torch:.2f}x "
