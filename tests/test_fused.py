@@ -13,7 +13,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import batchnorm
 from batchnorm import activations, reference
 from batchnorm import functional as F
-from batchnorm._route import SMALL_NUMEL
+from batchnorm.kernels.cpu.backend import SMALL_NUMEL
 from batchnorm.memory import saved_bytes
 from tests.helpers import assert_close, backends_fixture
 

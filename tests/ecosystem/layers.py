@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import batchnorm
-from batchnorm._route import SMALL_NUMEL
+from batchnorm.kernels.cpu.backend import SMALL_NUMEL
 from tests.ecosystem import vision
 
 

@@ -15,14 +15,16 @@ import sys
 import threading
 import zlib
 
+import numba
 import numpy as np
 import pytest
 import torch
 
 from batchnorm import kernels, reference
-from batchnorm.activations import Activation
+from batchnorm.activations import KINDS, Activation
 from batchnorm.kernels import cpu
 from batchnorm.kernels.base import Backend
+from batchnorm.kernels.cpu import _helpers, backend, loops, memory, residual_loops
 
 BACKEND = cpu.NumbaBackend()
 TORCH = kernels.get("torch")
@@ -48,9 +50,9 @@ def threads(request, monkeypatch):
     """Which copy of the kernels runs: serial, or parallel on 2 threads."""
     saved = torch.get_num_threads()
     if request.param == "parallel":
-        if cpu.numba.config.NUMBA_NUM_THREADS < 2:
+        if numba.config.NUMBA_NUM_THREADS < 2:
             pytest.skip("numba has a single thread on this machine")
-        monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+        monkeypatch.setattr(cpu.threads, "PARALLEL_MIN_NUMEL", 0)
         torch.set_num_threads(2)
     yield request.param
     torch.set_num_threads(saved)
@@ -102,9 +104,9 @@ def test_forward_train_matches_reference(dtype_tol, shape, layout, threads, gen)
     dtype, rtol, atol = dtype_tol
     x = make(shape, dtype, layout, gen)
     weight, bias = params(shape[1], dtype, gen)
-    y, mean, var = BACKEND.forward_train(x, weight, bias, EPS)
+    y, mean, var, invstd = BACKEND.forward_train(x, weight, bias, EPS)
     y_ref, cache = reference.forward(x.double().numpy(), weight.double().numpy(), bias.double().numpy(), EPS)
-    assert mean.dtype == var.dtype == y.dtype == dtype
+    assert mean.dtype == var.dtype == invstd.dtype == y.dtype == dtype
     check("mean", mean, cache.mean, rtol, atol)
     check("var", var, cache.var, rtol, atol)
     check("y", y, y_ref, rtol, atol, scale=max(1.0, float(np.abs(y_ref).max())))
@@ -175,11 +177,11 @@ def test_backward_train_matches_reference(dtype_tol, shape, layout, threads, gen
 def test_no_weight_no_bias(dtype_tol, threads, gen):
     dtype, rtol, atol = dtype_tol
     x = make((3, 4, 7), dtype, "channels_last", gen)
-    y, mean, var = BACKEND.forward_train(x, None, None, EPS)
+    y, mean, _, invstd = BACKEND.forward_train(x, None, None, EPS)
     y_ref, cache = reference.forward(x.double().numpy(), np.ones(4), np.zeros(4), EPS)
     check("y", y, y_ref, rtol, atol, scale=4.0)
     dy = make((3, 4, 7), dtype, "channels_last", gen)
-    dx, _, _ = BACKEND.backward_train(dy, x, mean, torch.rsqrt(var + EPS), None)
+    dx, _, _ = BACKEND.backward_train(dy, x, mean, invstd, None)
     check("dx", dx, reference.backward(dy.double().numpy(), cache)[0], rtol, atol, scale=100.0)
 
 
@@ -193,10 +195,9 @@ ACTS = [
 
 
 def _composed(x, weight, bias, dy, act):
-    """The base class's composition of the fused stages (our forward/backward, torch's activation)."""
-    y, mean, var = Backend.forward_train_act(BACKEND, x, weight, bias, EPS, act)
-    invstd = torch.rsqrt(var + EPS)
-    return (y, mean, var), Backend.backward_train_act(BACKEND, dy, x, mean, invstd, weight, bias, act)
+    """The base class's composition of the fused stages (our stages, torch's activation)."""
+    y, mean, var, invstd = Backend.forward_train(BACKEND, x, weight, bias, EPS, act)
+    return (y, mean, var, invstd), Backend.backward_train(BACKEND, dy, x, mean, invstd, weight, bias, act)
 
 
 @pytest.mark.parametrize("dtype_tol", DTYPES)
@@ -211,15 +212,14 @@ def test_fused_activation_stages_match_composition(dtype_tol, shape, layout, act
     x = make(shape, dtype, layout, gen)
     dy = make(shape, dtype, "contiguous", gen)
     weight, bias = params(shape[1], dtype, gen) if affine else (None, None)
-    y, mean, var = BACKEND.forward_train_act(x, weight, bias, EPS, act)
-    (y_ref, mean_ref, var_ref), (dx_ref, s1_ref, s2_ref) = _composed(x, weight, bias, dy, act)
-    assert torch.equal(mean, mean_ref) and torch.equal(var, var_ref)
+    y, mean, var, invstd = BACKEND.forward_train(x, weight, bias, EPS, act)
+    (y_ref, mean_ref, var_ref, invstd_ref), (dx_ref, s1_ref, s2_ref) = _composed(x, weight, bias, dy, act)
+    assert torch.equal(mean, mean_ref) and torch.equal(var, var_ref) and torch.equal(invstd, invstd_ref)
     scale = max(1.0, float(y_ref.abs().max()))
     check("y", y, y_ref, rtol, atol, scale=scale)
     if layout != "strided":
         assert y.stride() == x.stride()
-    invstd = torch.rsqrt(var + EPS)
-    dx, s1, s2 = BACKEND.backward_train_act(dy, x, mean, invstd, weight, bias, act)
+    dx, s1, s2 = BACKEND.backward_train(dy, x, mean, invstd, weight, bias, act)
     n = shape[0] * shape[2]
     big = float(dy.abs().max()) * max(1.0, float((x.double() - mean.double()[:, None]).abs().max()))
     check("sum_dz", s1, s1_ref, rtol, atol, scale=n * big)
@@ -241,9 +241,9 @@ def test_fused_activation_nan_and_inf_as_composition(act, layout, threads, gen):
     dy = make((4, 3, 9), torch.float32, layout, gen)
     dy[2, 1, 3] = float("inf")
     weight, bias = params(3, torch.float32, gen)
-    y, mean, var = BACKEND.forward_train_act(x, weight, bias, EPS, act)
-    (y_ref, _, _), (dx_ref, s1_ref, s2_ref) = _composed(x, weight, bias, dy, act)
-    dx, s1, s2 = BACKEND.backward_train_act(dy, x, mean, torch.rsqrt(var + EPS), weight, bias, act)
+    y, mean, _, invstd = BACKEND.forward_train(x, weight, bias, EPS, act)
+    (y_ref, _, _, _), (dx_ref, s1_ref, s2_ref) = _composed(x, weight, bias, dy, act)
+    dx, s1, s2 = BACKEND.backward_train(dy, x, mean, invstd, weight, bias, act)
     for name, a, e in [("y", y, y_ref), ("dx", dx, dx_ref), ("sum_dz", s1, s1_ref), ("sum_dz_xmu", s2, s2_ref)]:
         assert torch.equal(torch.isnan(a), torch.isnan(e)), name
         assert torch.equal(torch.isinf(a), torch.isinf(e)), name
@@ -258,7 +258,7 @@ def test_float32_variance_of_data_far_from_zero(layout, threads, gen):
     _, var = BACKEND.stats(x)
     _, expected, _ = reference.batch_stats(x.double().numpy())
     np.testing.assert_allclose(var.double().numpy(), expected, rtol=1e-4)
-    _, _, var2 = BACKEND.forward_train(x, None, None, EPS)
+    _, _, var2, _ = BACKEND.forward_train(x, None, None, EPS)
     np.testing.assert_allclose(var2.double().numpy(), expected, rtol=1e-4)
 
 
@@ -293,7 +293,7 @@ def test_same_threads_same_bits(layout, threads, gen):
     again = BACKEND.forward_train(x, None, None, EPS)
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a, b)
-    grads = [BACKEND.backward_train(dy, x, first[1], torch.rsqrt(first[2] + EPS), None) for _ in range(2)]
+    grads = [BACKEND.backward_train(dy, x, first[1], first[3], None) for _ in range(2)]
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
 
@@ -301,15 +301,15 @@ def test_same_threads_same_bits(layout, threads, gen):
 def test_nan_stays_in_its_channel(threads):
     x = torch.randn(4, 3, 50)
     x[1, 0, 7] = float("nan")
-    y, mean, var = BACKEND.forward_train(x, None, None, EPS)
+    y, mean, var, _ = BACKEND.forward_train(x, None, None, EPS)
     assert mean[0].isnan() and var[0].isnan() and y[:, 0].isnan().all()
     assert mean[1:].isfinite().all() and y[:, 1:].isfinite().all()
 
 
 def test_empty_batch():
     x = torch.empty(0, 3, 4)
-    y, mean, var = BACKEND.forward_train(x, None, None, EPS)
-    assert y.shape == x.shape and mean.isnan().all() and var.isnan().all()
+    y, mean, var, invstd = BACKEND.forward_train(x, None, None, EPS)
+    assert y.shape == x.shape and mean.isnan().all() and var.isnan().all() and invstd.isnan().all()
     assert BACKEND.apply(x, torch.ones(3), torch.zeros(3)).shape == x.shape
 
 
@@ -322,13 +322,13 @@ def test_supports_float32_float64_on_cpu_only():
 
 def test_chosen_automatically_for_cpu_float(monkeypatch):
     monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
-    assert kernels.select(torch.ones(2, 3, 4)).name == "numba"
-    assert kernels.select(torch.ones(2, 3, 4, dtype=torch.bfloat16)).name == "torch"
+    assert kernels.select(torch.ones(2, 3, backend.SMALL_NUMEL)).name == "numba"
+    assert kernels.select(torch.ones(2, 3, backend.SMALL_NUMEL, dtype=torch.bfloat16)).name == "torch"
 
 
 def test_concurrent_callers_get_right_answers(monkeypatch):
     """Threads racing for the parallel kernels: the loser runs the serial copy."""
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(cpu.threads, "PARALLEL_MIN_NUMEL", 0)
     xs = [torch.randn(6, 5, 300) for _ in range(4)]
     results = [None] * len(xs)
 
@@ -341,14 +341,14 @@ def test_concurrent_callers_get_right_answers(monkeypatch):
         w.start()
     for w in workers:
         w.join()
-    for x, (_, mean, var) in zip(xs, results, strict=True):
+    for x, (_, mean, var, _) in zip(xs, results, strict=True):
         check("mean", mean, TORCH.stats(x)[0], 1e-5, 1e-5)
         check("var", var, TORCH.stats(x)[1], 1e-5, 1e-5)
 
 
 def _forward_in_child(seed):
     x = torch.randn(6, 5, 300, generator=torch.Generator().manual_seed(seed))
-    y, mean, var = BACKEND.forward_train(x, None, None, EPS)
+    y, mean, var, _ = BACKEND.forward_train(x, None, None, EPS)
     return x.numpy(), y.numpy(), mean.numpy(), var.numpy()
 
 
@@ -364,7 +364,7 @@ class _Normalized(torch.utils.data.Dataset):
 @pytest.mark.skipif(sys.platform == "win32", reason="fork start method")
 def test_forked_children_after_parallel_use(monkeypatch):
     """Forked workers (DataLoader, multiprocessing) after the parent ran the parallel kernels."""
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(cpu.threads, "PARALLEL_MIN_NUMEL", 0)
     BACKEND.forward_train(torch.randn(6, 5, 300), None, None, EPS)  # the parent's thread pool is up
     with multiprocessing.get_context("fork").Pool(2) as pool:
         for x, y, mean, var in pool.map(_forward_in_child, range(3)):
@@ -401,11 +401,11 @@ def test_disk_cache_and_one_compile_message(tmp_path):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_outputs_on_their_own_mapping_behave_like_tensors(layout, monkeypatch, gen):
     """Large outputs are mapped with huge pages requested: same values, strides, and lifetime."""
-    monkeypatch.setattr(cpu, "HUGE_PAGE_MIN_BYTES", 0)
+    monkeypatch.setattr(memory, "HUGE_PAGE_MIN_BYTES", 0)
     x = make((3, 4, 7), torch.float32, layout, gen)
     dy = make((3, 4, 7), torch.float32, layout, gen)
-    y, mean, var = BACKEND.forward_train(x, None, None, EPS)
-    dx, _, _ = BACKEND.backward_train(dy, x, mean, torch.rsqrt(var + EPS), None)
+    y, mean, var, invstd = BACKEND.forward_train(x, None, None, EPS)
+    dx, _, _ = BACKEND.backward_train(dy, x, mean, invstd, None)
     z = BACKEND.apply(x, mean, var)
     y_ref, cache = reference.forward(x.double().numpy(), np.ones(4), np.zeros(4), EPS)
     del x
@@ -418,7 +418,7 @@ def test_outputs_on_their_own_mapping_behave_like_tensors(layout, monkeypatch, g
 
 
 def test_freed_large_outputs_are_reused_never_while_alive(monkeypatch, gen):
-    monkeypatch.setattr(cpu, "HUGE_PAGE_MIN_BYTES", 0)
+    monkeypatch.setattr(memory, "HUGE_PAGE_MIN_BYTES", 0)
     cpu.release_memory()
     x = make((3, 4, 7), torch.float32, "contiguous", gen)
     scale, shift = params(4, torch.float32, gen)
@@ -431,9 +431,9 @@ def test_freed_large_outputs_are_reused_never_while_alive(monkeypatch, gen):
     third = BACKEND.apply(x, scale, shift)
     assert third.data_ptr() == address  # the freed buffer came back
     assert torch.equal(third, second)
-    monkeypatch.setattr(cpu, "POOL_MAX_BYTES", 0)
+    monkeypatch.setattr(memory, "POOL_MAX_BYTES", 0)
     del third
-    assert not any(cpu._pool.values())  # over the cap: nothing kept
+    assert not any(memory._pool.values())  # over the cap: nothing kept
     cpu.release_memory()
 
 
@@ -462,6 +462,127 @@ def test_backward_takes_act_prime_where_the_forward_took_the_sign(layout, dtype,
     mean, var = BACKEND.stats(x)
     bias = -(1 - mean) * weight * torch.rsqrt(var + EPS)  # z = 0 about where x = 1
     relu = Activation("relu")
-    y, mean, var = BACKEND.forward_train_act(x, weight, bias, EPS, relu)
-    _, sum_dz, _ = BACKEND.backward_train_act(torch.ones_like(x), x, mean, torch.rsqrt(var + EPS), weight, bias, relu)
+    y, mean, var, invstd = BACKEND.forward_train(x, weight, bias, EPS, relu)
+    _, sum_dz, _ = BACKEND.backward_train(torch.ones_like(x), x, mean, invstd, weight, bias, relu)
     assert torch.equal(sum_dz, (y > 0).sum((0, 2)).to(dtype))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(5, 4, 9), (6, 3, 300), (3, 17, 1)], ids=str)
+def test_invstd_is_one_over_sqrt_of_var_plus_eps_in_the_dtype(shape, dtype, layout, threads, gen):
+    """The forward returns the invstd it normalized with: ``1 / sqrt(var + eps)`` with var as
+    returned, each step rounded to x's dtype (as ``torch.rsqrt``), plain and with a residual."""
+    x = make(shape, dtype, layout, gen, loc=3.0) * 5
+    weight, bias = params(shape[1], dtype, gen)
+    eps = 1e-3
+    residual = make(shape, dtype, layout, gen)
+    results = [
+        BACKEND.forward_train(x, weight, bias, eps),
+        BACKEND.forward_train(x, weight, bias, eps, Activation("relu")),
+        BACKEND.forward_train_residual(x, weight, bias, eps, residual, Activation("leaky_relu", 0.1))[:4],
+    ]
+    for _, _, var, invstd in results:
+        assert invstd.dtype == dtype and invstd.shape == (shape[1],)
+        assert torch.equal(invstd, torch.rsqrt(var + eps))
+        v = var.numpy()
+        np.testing.assert_array_equal(invstd.numpy(), v.dtype.type(1) / np.sqrt(v + v.dtype.type(eps)))
+    # y is normalized with that invstd: (x - mean) * (weight * invstd) + bias, to rounding
+    y, mean, var, invstd = results[0]
+    scale = weight * invstd  # x's dtype, as the kernels'
+    z = (x - mean[None, :, None]) * scale[None, :, None] + bias[None, :, None]
+    check("y", y, z, 4 * torch.finfo(dtype).eps, 4 * torch.finfo(dtype).eps, scale=float(z.abs().max()))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+def test_backward_apply_takes_the_count_of_the_sums(dtype_tol, layout, threads, gen):
+    """``count`` is the number of values per channel the sums are over (a synchronized layer's
+    global count): it, not x's ``N * L``, divides in the coefficients; ``None`` is ``N * L``."""
+    dtype, rtol, atol = dtype_tol
+    shape = (4, 5, 33)
+    x = make(shape, dtype, layout, gen)
+    dy = make(shape, dtype, layout, gen)
+    weight, _ = params(shape[1], dtype, gen)
+    mean, var = BACKEND.stats(x)
+    invstd = torch.rsqrt(var + EPS)
+    s1, s2 = BACKEND.backward_reduce(dy, x, mean)
+    n = shape[0] * shape[2]
+    same = BACKEND.backward_apply(dy, x, mean, invstd, weight, s1, s2)
+    assert torch.equal(same, BACKEND.backward_apply(dy, x, mean, invstd, weight, s1, s2, count=n))
+    for count in (3 * n, 7 * n + 5):
+        dx = BACKEND.backward_apply(dy, x, mean, invstd, weight, 3 * s1, 3 * s2, count=count)
+        expected = TORCH.backward_apply(dy, x, mean, invstd, weight, 3 * s1, 3 * s2, count=count)
+        terms = float((weight * invstd).abs().max()) * float(dy.abs().max()) * 4
+        check(f"dx (count {count})", dx, expected, rtol, atol, scale=terms)
+        k = (weight * invstd).double()[None, :, None]
+        by_hand = k * (
+            dy.double()
+            - 3 * s1.double()[None, :, None] / count
+            - (x.double() - mean.double()[None, :, None])
+            * invstd.double()[None, :, None] ** 2
+            * (3 * s2.double()[None, :, None])
+            / count
+        )
+        check(f"dx by hand (count {count})", dx, by_hand, rtol, atol, scale=terms)
+
+
+def test_scalar_forms_are_the_in_kernel_activations():
+    assert set(_helpers.SCALAR_FORMS) == {name for name, kind in KINDS.items() if kind.in_kernel}
+
+
+@pytest.mark.parametrize("name", sorted(_helpers.SCALAR_FORMS))
+def test_each_activation_has_its_own_kernels(name):
+    """Kernels are compiled per activation under their own names (their own disk-cache entries)."""
+    for family, kernel_names in [
+        (loops.training(name), ("ncl_forward", "ncl_backward", "nlc_forward", "nlc_backward")),
+        (residual_loops.forward(name), ("ncl_forward_res", "nlc_apply_res")),
+    ]:
+        for kernel_name in kernel_names:
+            kernel = getattr(family, kernel_name)
+            assert kernel.parallel.py_func.__qualname__ == f"{kernel_name}_{name}"
+            assert kernel.serial.py_func.__qualname__ == f"{kernel_name}_{name}_serial"
+            assert kernel.parallel.py_func.__globals__["act"] is _helpers.SCALAR_FORMS[name][0]
+    assert loops.training(name) is loops.training(name)  # built once
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+@pytest.mark.parametrize("act", [Activation("relu"), Activation("leaky_relu", 0.3)], ids=str)
+def test_per_activation_kernels_apply_the_activation_bit_for_bit(act, dtype_tol, layout, threads, gen):
+    """Each activation's forward kernel writes torch's activation of the identity kernel's y,
+    bit for bit; its backward (dy = 1 at the kink's both sides) sums act'(z) of that same z;
+    NaN: relu(NaN) = NaN, relu'(NaN) = 0, leaky'(NaN) = the slope."""
+    dtype, rtol, atol = dtype_tol
+    shape = (6, 5, 40)
+    x = make(shape, dtype, layout, gen)
+    x[2, 1, 3] = float("nan")  # channel 1: every z NaN
+    weight, bias = params(shape[1], dtype, gen)
+    y_id, mean, _, invstd = BACKEND.forward_train(x, weight, bias, EPS)
+    y, *_ = BACKEND.forward_train(x, weight, bias, EPS, act)
+    expected = torch.nn.functional.leaky_relu(y_id, act.param) if act.name == "leaky_relu" else torch.relu(y_id)
+    assert torch.equal(torch.isnan(y), torch.isnan(expected))
+    assert torch.equal(y.nan_to_num(), expected.nan_to_num())
+    _, sum_dz, _ = BACKEND.backward_train(torch.ones_like(x), x, mean, invstd, weight, bias, act)
+    slope = act.negative_slope
+    dact = torch.full_like(y_id, slope).masked_fill_(y_id > 0, 1.0).double()  # NaN is not > 0
+    check("sum_dz", sum_dz, dact.sum((0, 2)), rtol, atol, scale=float(x.numel()))
+    assert float(sum_dz[1]) == pytest.approx(slope * shape[0] * shape[2])  # NaN channel: act'(NaN) = slope
+
+
+def test_prefers_leaves_small_inputs_to_torch(monkeypatch):
+    """Up to ``SMALL_NUMEL`` elements torch's own kernel is faster (measured), plain or fused;
+    ``(B, N)`` inputs up to ``PREFER_MIN_ROWS_NUMEL``; the automatic choice follows."""
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    small = backend.SMALL_NUMEL
+    at = torch.empty(2, 4, small // 8)
+    above = torch.empty(2, 4, small // 8 + 1)
+    for fused in (False, True):
+        assert not BACKEND.prefers(at, fused) and not BACKEND.prefers(at.to(torch.float64), fused)
+        assert BACKEND.prefers(above, fused) and BACKEND.prefers(above.to(torch.float64), fused)
+        assert not BACKEND.prefers(above.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :1], fused)
+        rows = backend.PREFER_MIN_ROWS_NUMEL
+        assert not BACKEND.prefers(torch.empty(rows // 4 - 1, 4, 1), fused)
+        assert BACKEND.prefers(torch.empty(rows // 4, 4, 1), fused)
+        assert kernels.select(at, fused).name == "torch"
+        assert kernels.select(above, fused).name == "numba"

@@ -62,7 +62,7 @@ def threads(request, monkeypatch):
     for tensors of few channels)."""
     saved = torch.get_num_threads()
     if request.param == "parallel":
-        monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+        monkeypatch.setattr(cpu.threads, "PARALLEL_MIN_NUMEL", 0)
         torch.set_num_threads(2)
     yield request.param
     torch.set_num_threads(saved)

@@ -7,6 +7,7 @@ import torch
 
 import batchnorm
 from batchnorm import kernels
+from batchnorm.kernels.cpu.backend import SMALL_NUMEL
 
 
 def test_torch_backend_is_always_available():
@@ -71,8 +72,11 @@ def test_statistics_dtype_is_at_least_float32():
 
 def test_numba_declines_small_row_inputs_plain_or_fused(monkeypatch):
     monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
-    for x in (torch.randn(4, 8, 49).mT.contiguous().mT, torch.randn(4, 8, 49), torch.randn(2, 8, 4096)):
+    above_small = (4, 64, SMALL_NUMEL // 256 + 1)  # spatial, just over the small-input rule
+    for x in (torch.randn(above_small).mT.contiguous().mT, torch.randn(above_small), torch.randn(2, 8, 1 << 15)):
         assert kernels.select(x).name == kernels.select(x, fused=True).name == "numba"
+    for x in (torch.randn(4, 8, 49).mT.contiguous().mT, torch.randn(4, 8, 49)):  # small: torch's kernel
+        assert kernels.select(x).name == kernels.select(x, fused=True).name == "torch"
     small_rows = torch.randn(16, 8, 1)
     assert kernels.select(small_rows).name == kernels.select(small_rows, fused=True).name == "torch"
     big_rows = torch.randn(1 << 14, 64, 1)

@@ -1,0 +1,282 @@
+"""What the Numba kernels of ``loops`` and ``residual_loops`` share: compile options, block
+sizes, typed constants, the activations' scalar forms, helpers on runs of values, the
+finishing of statistics and of gradient coefficients, and the factory that compiles a
+kernel once per activation (and per threading mode).
+
+Layouts (C-contiguous NumPy views of the caller's tensor):
+
+* ``ncl``: ``x[N, C, L]``, a channel's values are ``N`` runs of ``L``;
+* ``nlc``: ``x[R, C]`` with ``R = N * L`` rows (channels-last, and ``(B, N)``
+  input), a channel is a column.
+
+Statistics accumulate ``d = x - shift`` (``shift`` = the channel's first value)
+and ``d * d``, one pass, so data far from zero (mean 1e4, std 1) keep their
+variance; partial sums over parts of the batch simply add. Sums run in x's
+dtype over blocks of at most ``BLOCK`` values (``ROW_BLOCK`` rows for ``nlc``;
+SIMD lanes of float32 are twice as many as float64 ones, and each lane adds
+only a few dozen values), and the block sums add up in float64.
+
+Per-channel coefficients travel as rows of a ``coef`` array in x's dtype,
+``coef[c]`` (``ncl``) or ``coef[:, c]`` (``nlc``), with the columns ``MEAN``,
+``SCALE``, ``SHIFT``: ``z = (x - mean) * scale + shift`` (``scale = w * invstd``,
+``shift`` the bias), and for the backward also ``A``, ``B``: ``dx = dz * scale +
+(x - mean) * a + b``.
+
+Kernels per activation: the activations whose scalar form the loops apply
+(``activations.KINDS[name].in_kernel``) are in ``SCALAR_FORMS``, as ``act(z,
+slope)`` and ``dact(z, slope)`` in z's dtype (``slope``: LeakyReLU's, a runtime
+scalar in x's dtype). A loop module writes its activation-dependent helpers and
+kernels as plain functions calling the globals ``act``/``dact``;
+:func:`kernel_family` copies them with those globals bound to one activation's
+forms, so each activation gets its own kernels (its own qualified names, hence
+its own entries in Numba's disk cache), with nothing to branch on inside the
+loops: the identity keeps its plain loops (``dy * 1`` folds away).
+
+Numba keys its disk cache by a kernel's own source file, not by the files of the
+helpers inlined into it: after editing this file, delete the cached ``*.nbi`` and
+``*.nbc`` files of the package (``__pycache__``, or ``NUMBA_CACHE_DIR``).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numba
+import numpy as np
+from numba.core import types as nbtypes
+from numba.extending import overload
+
+from ...activations import KINDS, Activation
+
+# Reassociation lets LLVM vectorize the float64 reductions; no "nnan"/"ninf":
+# NaN and Inf in the input must reach the output as they would in torch.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+helper = numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+COLUMN_BLOCK = 2048  # nlc: channels per block, so the partial sums (in x's dtype) stay in L1
+BLOCK = 256  # ncl: values per block sum in x's dtype
+ROW_BLOCK = 64  # nlc: rows per block sum in x's dtype
+MEAN, SCALE, SHIFT, A, B = range(5)  # the columns of ``coef``
+
+
+# --- typed constants: 0, 1 and a cast in the dtype of an array or scalar, so float32 stays float32 ---
+
+
+def zero_of(v):
+    """0 in the dtype of ``v`` (an array or a scalar); compiled code only."""
+    raise NotImplementedError
+
+
+def one_of(v):
+    """1 in the dtype of ``v`` (an array or a scalar); compiled code only."""
+    raise NotImplementedError
+
+
+def _dtype_of(v):
+    return v.dtype if isinstance(v, nbtypes.Array) else v
+
+
+@overload(zero_of, inline="always")
+def _zero_of(v):
+    dtype = _dtype_of(v)
+    return lambda v: dtype(0)
+
+
+@overload(one_of, inline="always")
+def _one_of(v):
+    dtype = _dtype_of(v)
+    return lambda v: dtype(1)
+
+
+# --- the activations' scalar forms; NaN: relu(NaN) = NaN, relu'(NaN) = 0, leaky'(NaN) = slope ---
+
+
+@helper
+def _identity(z, slope):
+    return z
+
+
+@helper
+def _identity_grad(z, slope):
+    return one_of(z)
+
+
+@helper
+def _relu(z, slope):
+    zero = zero_of(z)
+    return zero if z <= zero else z
+
+
+@helper
+def _relu_grad(z, slope):
+    zero = zero_of(z)
+    return one_of(z) if z > zero else zero
+
+
+@helper
+def _leaky_relu(z, slope):
+    return z if z > zero_of(z) else z * slope
+
+
+@helper
+def _leaky_relu_grad(z, slope):
+    return one_of(z) if z > zero_of(z) else slope
+
+
+# name -> (act, dact), for the activations with ``KINDS[name].in_kernel``
+SCALAR_FORMS = {
+    "identity": (_identity, _identity_grad),
+    "relu": (_relu, _relu_grad),
+    "leaky_relu": (_leaky_relu, _leaky_relu_grad),
+}
+assert set(SCALAR_FORMS) == {name for name, kind in KINDS.items() if kind.in_kernel}
+
+
+# --- runs: 1-D segments of a channel's values (part of x[n, c, :]) ---
+
+
+@helper
+def run_sums(seg, shift):
+    """``sum(d)``, ``sum(d*d)`` in float64, ``d = seg - shift`` (``shift`` in x's dtype; block
+    sums in x's dtype)."""
+    s1 = 0.0
+    s2 = 0.0
+    for k in range(0, seg.shape[0], BLOCK):
+        blk = seg[k : min(k + BLOCK, seg.shape[0])]  # <= BLOCK
+        p1 = zero_of(seg)
+        p2 = zero_of(seg)
+        for i in range(blk.shape[0]):  # a range from 0, so no negative-index checks: vectorizes
+            d = blk[i] - shift
+            p1 += d
+            p2 += d * d
+        s1 += np.float64(p1)
+        s2 += np.float64(p2)
+    return s1, s2
+
+
+@helper
+def ncl_sums(x, c, j0, j1):
+    """:func:`run_sums` over channel c's positions j0..j1 of x[N, C, L], shifted by x[0, c, 0]."""
+    L = x.shape[2]
+    s1 = 0.0
+    s2 = 0.0
+    for n in range(j0 // L, (j1 + L - 1) // L):
+        a1, a2 = run_sums(x[n, c, max(j0 - n * L, 0) : min(j1 - n * L, L)], x[0, c, 0])
+        s1 += a1
+        s2 += a2
+    return s1, s2
+
+
+@helper
+def ncl_block_sums(x, c0, c1):
+    """Shifted sums (float64, ``[c - c0, 0 | 1]``) of channels c0..c1 of x[N, C, L], summed image
+    by image (runs of ``(c1 - c0) * L`` values in a row)."""
+    acc = np.zeros((c1 - c0, 2))  # block of C: shifted sums
+    for i in range(x.shape[0]):
+        for c in range(c0, c1):
+            s1, s2 = run_sums(x[i, c], x[0, c, 0])
+            acc[c - c0, 0] += s1
+            acc[c - c0, 1] += s2
+    return acc
+
+
+@helper
+def merged(part, c, splits):
+    """Channel c's two sums, added over its ``splits`` parts (``part[c * splits + s]``)."""
+    s1 = 0.0
+    s2 = 0.0
+    for s in range(splits):
+        s1 += part[c * splits + s, 0]
+        s2 += part[c * splits + s, 1]
+    return s1, s2
+
+
+@helper
+def rows(s, splits, R):
+    """Rows ``[r0, r1)`` of part ``s`` of ``R`` rows cut into ``splits``."""
+    return s * R // splits, (s + 1) * R // splits
+
+
+# --- finishing: per channel, after the sums ---
+
+
+# Strict IEEE, said explicitly: a callee that does not set ``fastmath`` inherits its caller's,
+# and fast-math turns 1 / sqrt into a reciprocal-square-root estimate (off by an ulp).
+@numba.njit(cache=True, fastmath=False, error_model="numpy")
+def invstd_of(var, eps):
+    """``1 / sqrt(var + eps)`` in var's dtype (``eps`` in it too): correctly rounded sqrt, then
+    division, as ``torch.rsqrt``; ``inf`` for a zero ``var + eps``."""
+    return one_of(var) / np.sqrt(var + eps)
+
+
+@helper
+def finish_stats(s1, s2, n, shift, eps, out, c):
+    """Channel c's mean, biased variance and ``invstd`` into ``out = (mean, var, invstd)`` (x's
+    dtype) from the float64 sums of ``d = x - shift`` over ``n`` values; returns
+    ``(mean, invstd)`` as stored."""
+    mean, var, invstd = out
+    dm = s1 / n
+    mean[c] = np.float64(shift) + dm
+    var[c] = max(s2 / n - dm * dm, 0.0)
+    invstd[c] = invstd_of(var[c], eps)
+    return mean[c], invstd[c]
+
+
+@helper
+def grad_coefficients(s1, s2, count, w, invstd):
+    """``(a, b)`` in float64 of ``dx = dz * k + (x - mean) * a + b``, ``k = w * invstd``:
+    ``a = -k * invstd^2 * s2 / count`` (through the variance), ``b = -k * s1 / count`` (the mean),
+    from ``s1 = sum(dz)``, ``s2 = sum(dz * (x - mean))`` over ``count`` values."""
+    istd = np.float64(invstd)
+    k = np.float64(w) * istd  # exact for float32; rounded, it is the ``SCALE`` column
+    return -k * istd * istd * s2 / count, -k * s1 / count
+
+
+# --- compiling ---
+
+
+class Kernel(NamedTuple):
+    """One kernel's two dispatchers: ``prange`` over Numba's threads, and a serial copy that
+    starts none (small tensors, forked children, concurrent callers)."""
+
+    parallel: Callable
+    serial: Callable
+
+
+def _renamed(fn, namespace: dict, name: str):
+    """``fn`` with the globals ``namespace``, under the qualified name ``name`` (Numba keys
+    its on-disk cache by qualified name and bytecode, not by globals or compile flags)."""
+    clone = types.FunctionType(fn.__code__, namespace, name, fn.__defaults__)
+    clone.__qualname__ = name
+    clone.__doc__ = fn.__doc__
+    return clone
+
+
+def compile_kernel(fn, namespace: dict, name: str) -> Kernel:
+    options = {"cache": True, "fastmath": FASTMATH, "nogil": True}
+    return Kernel(
+        numba.njit(parallel=True, **options)(_renamed(fn, namespace, name)),
+        numba.njit(parallel=False, **options)(_renamed(fn, namespace, name + "_serial")),
+    )
+
+
+def kernel_family(module_globals: dict, helpers: tuple, kernels: tuple) -> Callable[[str], types.SimpleNamespace]:
+    """``family(name)``: the ``kernels`` (plain functions of a loop module) compiled for the
+    activation ``name``, as a namespace of :class:`Kernel` by function name. The module's
+    globals ``act``/``dact``, and its ``helpers`` (the functions that call them, directly or
+    through one another), are replaced by the activation's own for those copies; so is
+    ``KEEPS_MASK`` (whether the activation's backward after a residual reads a sign mask)."""
+
+    @functools.cache
+    def family(name: str) -> types.SimpleNamespace:
+        act, dact = SCALAR_FORMS[name]
+        namespace = dict(module_globals, act=act, dact=dact, KEEPS_MASK=Activation(name).keeps_mask)
+        for fn in helpers:  # late binding: each copy finds the others' copies in the namespace
+            namespace[fn.__name__] = helper(_renamed(fn, namespace, f"{fn.__name__}_{name}"))
+        return types.SimpleNamespace(
+            **{fn.__name__: compile_kernel(fn, namespace, f"{fn.__name__}_{name}") for fn in kernels}
+        )
+
+    return family
