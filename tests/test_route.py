@@ -4,6 +4,8 @@ opt-in); our kernels otherwise."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 
@@ -47,7 +49,7 @@ class EagerBackend(TorchBackend):
     """A stand-in for a new automatic backend that takes every tensor, small ones included."""
 
     name = "eager-stand-in"
-    calls: list[str] = []
+    calls: ClassVar[list[str]] = []
 
     def prefers(self, x, fused=False):
         return True

@@ -86,4 +86,6 @@ def check_residual(x: Tensor, residual: Tensor | None) -> None:
     try:
         torch.broadcast_shapes(x.shape, residual.shape)
     except RuntimeError:
-        raise ShapeError(f"residual must broadcast to the input {tuple(x.shape)}, got {tuple(residual.shape)}") from None
+        raise ShapeError(
+            f"residual must broadcast to the input {tuple(x.shape)}, got {tuple(residual.shape)}"
+        ) from None

@@ -63,4 +63,6 @@ def runs_torch_ops(
     if kernels.select(as_ncl(x), fused).name != "torch":
         return False
     # torch's kernel keeps float32/float64 statistics only with parameters of the input's dtype
-    return x.dtype in _NATIVE and (weight is None or weight.dtype == x.dtype) and (bias is None or bias.dtype == x.dtype)
+    return (
+        x.dtype in _NATIVE and (weight is None or weight.dtype == x.dtype) and (bias is None or bias.dtype == x.dtype)
+    )

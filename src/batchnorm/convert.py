@@ -18,7 +18,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 

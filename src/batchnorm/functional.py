@@ -24,9 +24,9 @@ import torch
 from . import _memory_efficient, _ops, _route, _torch_ops, activations
 from ._checks import check_input, check_residual
 from ._layout import per_channel
+from ._ops import composite_forward  # noqa: F401  (kept importable from here)
 from .activations import Activation
 from .numerics import affine_from_stats, invstd_of, stats_dtype
-from ._ops import composite_forward  # noqa: F401  (kept importable from here)
 from .running import update_running_stats
 
 Tensor = torch.Tensor

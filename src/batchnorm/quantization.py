@@ -24,7 +24,7 @@ from collections.abc import Callable
 from torch import nn
 
 from . import activations
-from ._swap import swap_layer, modules
+from ._swap import modules, swap_layer
 
 __all__ = ["backend_config", "register"]
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from batchnorm import reference
+from batchnorm.activations import Activation
 from batchnorm.kernels import get
 from tests.helpers import assert_close
 
@@ -73,3 +74,21 @@ def test_no_weight_means_unit_scale():
     y, _, _, _ = BACKEND.forward_train(x, None, None, 1e-5)
     y_ref, _ = reference.forward(x.double().numpy(), np.ones(3), np.zeros(3), 1e-5)
     assert_close(y, y_ref, 1e-5, 1e-5, "y")
+
+
+def test_deprecated_act_methods_warn_and_return_the_old_values():
+    """``forward_train_act``/``backward_train_act`` (the names before the activation became an
+    argument) still work, with a DeprecationWarning, and return what they returned then."""
+    x, dy = torch.randn(4, 3, 6), torch.randn(4, 3, 6)
+    weight, bias = torch.randn(3), torch.randn(3)
+    act = Activation("relu")
+    y, mean, var, invstd = BACKEND.forward_train(x, weight, bias, 1e-5, act)
+    with pytest.warns(DeprecationWarning, match="forward_train"):
+        old = BACKEND.forward_train_act(x, weight, bias, 1e-5, act)
+    assert len(old) == 3
+    for a, b in zip(old, (y, mean, var), strict=True):
+        assert torch.equal(a, b)
+    with pytest.warns(DeprecationWarning, match="backward_train"):
+        grads = BACKEND.backward_train_act(dy, x, mean, invstd, weight, bias, act)
+    for a, b in zip(grads, BACKEND.backward_train(dy, x, mean, invstd, weight, bias, act), strict=True):
+        assert torch.equal(a, b)

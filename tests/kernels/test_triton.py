@@ -113,13 +113,14 @@ def test_training_forward_and_backward_match_reference(shape, layout, config, dt
     y_ref, cache = reference.forward(_np(x), _np(weight), _np(bias), eps)
     dx_ref, dw_ref, db_ref = reference.backward(_np(dy), cache)
 
-    y, mean, var = backend.forward_train(x, weight, bias, eps)
-    assert mean.dtype == var.dtype == torch.float32
+    y, mean, var, invstd_used = backend.forward_train(x, weight, bias, eps)
+    assert mean.dtype == var.dtype == invstd_used.dtype == torch.float32
+    assert_close(invstd_used, cache.invstd, atol, rtol, "invstd")
     _expect_layout(y, x, layout, "y")
     assert_close(mean, cache.mean, atol, rtol, "mean")
     assert_close(var, cache.var, atol, rtol, "var")
     assert_close(y, y_ref, atol, rtol, "y")
-    y_torch, _mean_torch, var_torch = oracle.forward_train(x, weight, bias, eps)
+    y_torch, _mean_torch, var_torch, _ = oracle.forward_train(x, weight, bias, eps)
     assert_close(y, y_torch, atol, rtol, "y vs torch backend")
     assert_close(var, var_torch, atol, rtol, "var vs torch backend")
 
@@ -173,7 +174,7 @@ def test_each_stage_matches_reference(config, layout, dtype, atol, rtol):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_without_weight_and_bias(config, layout):
     x, dy = _draw((4, 3, 6), torch.float32, layout), _draw((4, 3, 6), torch.float32, layout)
-    y, _, _ = CONFIGS[config].forward_train(x, None, None, 1e-5)
+    y, _, _, _ = CONFIGS[config].forward_train(x, None, None, 1e-5)
     y_ref, cache = reference.forward(_np(x), np.ones(3), np.zeros(3), 1e-5)
     assert_close(y, y_ref, 1e-5, 1e-5, "y")
     dx, _, _ = CONFIGS[config].backward_train(dy, x, _f32(cache.mean), _f32(cache.invstd), None)
@@ -198,7 +199,7 @@ def test_mixed_parameter_dtypes_as_under_autocast():
     for wdtype in (torch.float32, torch.float16):
         weight = torch.randn(6, device=DEVICE).to(wdtype)
         bias = torch.randn(6, device=DEVICE).to(wdtype)
-        y, mean, _var = CONFIGS["split"].forward_train(x, weight, bias, 1e-5)
+        y, mean, _var, _ = CONFIGS["split"].forward_train(x, weight, bias, 1e-5)
         y_ref, _cache = reference.forward(_np(x), _np(weight), _np(bias), 1e-5)
         assert y.dtype == torch.float16 and mean.dtype == torch.float32
         assert_close(y, y_ref, 1e-2, 1e-2, f"y with {wdtype} parameters")
@@ -356,12 +357,12 @@ def test_gpu_matches_torch_on_resnet_shapes(shape, memory_format, dtype, atol, r
     x64 = x3.double()
     var_ref, mean_ref = torch.var_mean(x64, dim=(0, 2), correction=0)
     for name, candidate in (("auto", backend), ("split", TritonBackend(single_pass_max=0))):
-        y, mean, var = candidate.forward_train(x3, weight, bias, 1e-5)
+        y, mean, var, invstd = candidate.forward_train(x3, weight, bias, 1e-5)
         assert y.stride() == x3.stride(), name
         assert_close(mean, mean_ref, 1e-5, 1e-5, f"{name} mean")
         assert_close(var, var_ref, 1e-5, 1e-4, f"{name} var")
         assert_close(y, oracle.forward_train(x3, weight, bias, 1e-5)[0], atol, rtol, f"{name} y")
-        invstd = torch.rsqrt(var + 1e-5)
+        assert_close(invstd, torch.rsqrt(var + 1e-5), 1e-6, 1e-6, f"{name} invstd")
         dx, sum_dy, sum_dy_xmu = candidate.backward_train(dy3, x3, mean, invstd, weight)
         dx_t, sum_dy_t, sum_dy_xmu_t = oracle.backward_train(dy3, x3, mean, invstd, weight)
         scale = float(sum_dy_t.abs().max()) + 1.0  # sums over up to 10^5 values: compare relative to their size

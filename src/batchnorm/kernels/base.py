@@ -4,6 +4,8 @@ See ``batchnorm.kernels`` for the contract of each stage."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import activations
@@ -115,6 +117,33 @@ class Backend:
         dz = torch.where(positive, dy, dy * act.negative_slope)
         dx, sum_dz, sum_dz_xmu = self.backward_train(dz, x, mean, invstd, weight)
         return dx, dz, sum_dz, sum_dz_xmu
+
+    # -- deprecated names: the activation became an argument of forward_train/backward_train --
+
+    def forward_train_act(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: Activation
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Deprecated: ``forward_train(x, weight, bias, eps, act)``, which also returns the invstd."""
+        _deprecated("forward_train_act(x, weight, bias, eps, act)", "forward_train(x, weight, bias, eps, act)")
+        return self.forward_train(x, weight, bias, eps, act)[:3]
+
+    def backward_train_act(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        act: Activation,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Deprecated: ``backward_train(dy, x, mean, invstd, weight, bias, act)``."""
+        _deprecated("backward_train_act(...)", "backward_train(dy, x, mean, invstd, weight, bias, act)")
+        return self.backward_train(dy, x, mean, invstd, weight, bias, act)
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"Backend.{old} is deprecated; use Backend.{new}", DeprecationWarning, stacklevel=3)
 
 
 def count_of(x: Tensor, count: int | None) -> int:
