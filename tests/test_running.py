@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from batchnorm import running
 from batchnorm.running import running_update
 
 
@@ -34,3 +36,32 @@ def test_either_buffer_may_be_absent():
     rv = np.ones(2)
     assert running_update(np.empty(0), rv, np.ones(2), np.full(2, 3.0), 0.5, 0.5, True)
     np.testing.assert_allclose(rv, [2.0, 2.0])
+
+
+@pytest.mark.parametrize("device_side", [False, True], ids=["cpu-compiled", "tensor-ops"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_update_from_invstd_is_the_update_from_the_variance_it_encodes(dtype, device_side, monkeypatch):
+    """torch's ``native_batch_norm`` gives ``invstd = 1 / sqrt(var + eps)``: the update from it
+    equals the update from ``var`` (the variance recovered in float64 inside the compiled call),
+    counters and the non-finite skip included."""
+    if device_side:  # the tensor-ops form, as on an accelerator
+        monkeypatch.setattr(running.torch.compiler, "is_compiling", lambda: True)
+    gen = torch.Generator().manual_seed(0)
+    mean = torch.randn(6, generator=gen, dtype=dtype)
+    var = torch.rand(6, generator=gen, dtype=dtype) * 3 + 0.01
+    eps = 1e-3
+    invstd = torch.rsqrt(var + eps)
+    for momentum in (0.1, None):
+        rm1, rv1 = torch.randn(6, generator=gen, dtype=dtype), torch.rand(6, generator=gen, dtype=dtype) + 0.5
+        rm2, rv2 = rm1.clone(), rv1.clone()
+        (n1, f1), (n2, f2) = (torch.tensor(3), torch.tensor(0)), (torch.tensor(3), torch.tensor(0))
+        running.update_running_stats(rm1, rv1, mean, var, 40, momentum, n1, True, f1)
+        running.update_from_invstd(rm2, rv2, mean, invstd, eps, 40, momentum, n2, True, f2)
+        torch.testing.assert_close(rm2, rm1)
+        torch.testing.assert_close(rv2, rv1)
+        assert int(n1) == int(n2) == 4 and int(f1) == int(f2) == 0
+    bad = invstd.clone()
+    bad[2] = float("nan")
+    rm, rv, n, f = torch.zeros(6, dtype=dtype), torch.ones(6, dtype=dtype), torch.tensor(0), torch.tensor(0)
+    running.update_from_invstd(rm, rv, mean, bad, eps, 40, 0.1, n, True, f)
+    assert (rm == 0).all() and (rv == 1).all() and int(n) == 0 and int(f) == 1

@@ -56,13 +56,13 @@ def runs_torch_ops(
         return True
     if memory_saving:
         return False
-    if x.device.type != "cpu":  # our GPU kernels are opt-in, and eager only
+    if not x.is_cpu:  # our GPU kernels are opt-in, and eager only
         return torch.compiler.is_compiling() or kernels.forced_name() is None
     if torch.compiler.is_compiling() or kernels.forced_name() is not None:
         return False
-    if kernels.select(as_ncl(x), fused).name != "torch":
-        return False
     # torch's kernel keeps float32/float64 statistics only with parameters of the input's dtype
-    return (
-        x.dtype in _NATIVE and (weight is None or weight.dtype == x.dtype) and (bias is None or bias.dtype == x.dtype)
-    )
+    if x.dtype not in _NATIVE or (weight is not None and weight.dtype != x.dtype):
+        return False
+    if bias is not None and bias.dtype != x.dtype:
+        return False
+    return kernels.automatic(as_ncl(x), fused).name == "torch"

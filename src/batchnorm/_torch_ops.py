@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import activations
-from .running import update_on_device, update_running_stats
+from .running import update_from_invstd, update_on_device
 
 Tensor = torch.Tensor
 
@@ -76,19 +76,19 @@ def batch_norm(
         y = torch.batch_norm(input, weight, bias, running_mean, running_var, True, factor, eps, cudnn)
     else:
         y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
-        var = invstd.detach().pow(-2) - eps  # the biased variance, back from 1 / sqrt(var + eps)
         count = input.numel() // input.shape[1]
         if torch.jit.is_scripting():
+            var = invstd.detach().pow(-2) - eps  # the biased variance, back from 1 / sqrt(var + eps)
             update_on_device(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                            skip_nonfinite, nonfinite_count)  # fmt: skip
         else:
-            _update_eager(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+            _update_eager(running_mean, running_var, mean, invstd, eps, count, momentum, num_batches_tracked,
                           skip_nonfinite, nonfinite_count)  # fmt: skip
     return activate(y, residual, act_name, act_param, True)
 
 
 @torch.jit.unused
-def _update_eager(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+def _update_eager(running_mean, running_var, mean, invstd, eps, count, momentum, num_batches_tracked,
                   skip_nonfinite, nonfinite_count) -> None:  # fmt: skip
-    update_running_stats(running_mean, running_var, mean.detach(), var, count, momentum, num_batches_tracked,
-                         skip_nonfinite, nonfinite_count)  # fmt: skip
+    update_from_invstd(running_mean, running_var, mean.detach(), invstd.detach(), eps, count, momentum,
+                       num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip

@@ -26,7 +26,7 @@ from .numerics import unbiased
 
 Tensor = torch.Tensor
 
-__all__ = ["update_on_device", "update_running_stats"]
+__all__ = ["update_from_invstd", "update_on_device", "update_running_stats"]
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 _EMPTY = np.empty(0)
@@ -49,6 +49,30 @@ def update_running_stats(
         _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                        skip_nonfinite, nonfinite_count)  # fmt: skip
         return
+    update_on_device(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
+                     skip_nonfinite, nonfinite_count)  # fmt: skip
+
+
+def update_from_invstd(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    invstd: Tensor,
+    eps: float,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    skip_nonfinite: bool,
+    nonfinite_count: Tensor | None,
+) -> None:
+    """:func:`update_running_stats` from ``invstd = 1 / sqrt(var + eps)`` (what torch's
+    ``native_batch_norm`` returns) instead of ``var``; on the CPU the variance is recovered
+    inside the one compiled call."""
+    if mean.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        _update_on_cpu(running_mean, running_var, mean, invstd, count, momentum, num_batches_tracked,
+                       skip_nonfinite, nonfinite_count, eps)  # fmt: skip
+        return
+    var = invstd.detach().pow(-2) - eps
     update_on_device(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                      skip_nonfinite, nonfinite_count)  # fmt: skip
 
@@ -101,11 +125,13 @@ def update_on_device(
 
 
 def _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
-                   skip_nonfinite, nonfinite_count) -> None:  # fmt: skip
-    """The update for CPU tensors, in one compiled call on the ``C``-sized NumPy views."""
-    buffers = [t for t in (running_mean, running_var, num_batches_tracked, nonfinite_count) if t is not None]
-    if not all(t.dtype in _NUMPY_DTYPES or t.dtype == torch.int64 for t in (*buffers, mean, var)):
+                   skip_nonfinite, nonfinite_count, eps=-1.0) -> None:  # fmt: skip
+    """The update for CPU tensors, in one compiled call on the ``C``-sized NumPy views; with
+    ``eps >= 0``, ``var`` holds ``1 / sqrt(var + eps)`` instead."""
+    if not _numpy_dtypes(running_mean, running_var, mean, var):
         # dtypes NumPy lacks (bfloat16/float16 buffers): the same rule in torch ops
+        if eps >= 0:
+            var = var.detach().pow(-2) - eps
         update_on_device(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                          skip_nonfinite, nonfinite_count)  # fmt: skip
         return
@@ -116,36 +142,57 @@ def _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_ba
     else:  # the cumulative average's weight, counting this batch
         factor = 1.0 / max(int(num_batches_tracked) + 1, 1)
     var_factor = factor * unbiased(1.0, count)  # the weight of the biased variance, made unbiased
-    rm = _EMPTY if running_mean is None else running_mean.detach().numpy()
-    rv = _EMPTY if running_var is None else running_var.detach().numpy()
-    if not running_update(rm, rv, mean.detach().numpy(), var.detach().numpy(), factor, var_factor, skip_nonfinite):
+    rm = _EMPTY if running_mean is None else _numpy(running_mean)
+    rv = _EMPTY if running_var is None else _numpy(running_var)
+    updated = running_update(rm, rv, _numpy(mean), _numpy(var), factor, var_factor, skip_nonfinite, eps)
+    # the counters (integer tensors, never requiring grad): torch's own in-place add, which bumps their version
+    if not updated:
         if nonfinite_count is not None:
-            _add_one(nonfinite_count)
+            nonfinite_count.add_(1)
         return
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     for running in (running_mean, running_var):
         if running is not None:
             torch.autograd.graph.increment_version(running)  # written behind torch's back: say so
-    if num_batches_tracked is not None:
-        _add_one(num_batches_tracked)
 
 
-def _add_one(counter: Tensor) -> None:
-    counter.detach().numpy()[...] += 1
-    torch.autograd.graph.increment_version(counter)
+def _numpy_dtypes(running_mean, running_var, mean, var) -> bool:
+    """Whether the float tensors all have a NumPy dtype (the counters are int64 tensors of torch's)."""
+    return (
+        mean.dtype in _NUMPY_DTYPES
+        and var.dtype in _NUMPY_DTYPES
+        and (running_mean is None or running_mean.dtype in _NUMPY_DTYPES)
+        and (running_var is None or running_var.dtype in _NUMPY_DTYPES)
+    )
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 @numba.njit(cache=True, nogil=True)
-def running_update(running_mean, running_var, mean, var, factor, var_factor, skip_nonfinite):
+def running_update(running_mean, running_var, mean, var, factor, var_factor, skip_nonfinite, eps=-1.0):
     """``running = (1 - factor) * running + scale * batch`` for both buffers (``scale`` is
     ``factor`` for the mean, ``var_factor`` for the variance), unless ``skip_nonfinite`` and a
-    statistic is NaN/Inf; returns whether the buffers were updated. Either buffer may be empty."""
+    statistic is NaN/Inf; returns whether the buffers were updated. Either buffer may be empty.
+    With ``eps >= 0``, ``var`` holds ``invstd = 1 / sqrt(var + eps)``: the variance is
+    ``1 / invstd^2 - eps`` (in float64)."""
+    C = mean.shape[0]
+    batch_var = np.empty(C)
+    for c in range(C):
+        if eps >= 0:
+            s = np.float64(var[c])
+            batch_var[c] = 1.0 / (s * s) - eps
+        else:
+            batch_var[c] = var[c]
     if skip_nonfinite:
-        for c in range(mean.shape[0]):
-            if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+        for c in range(C):
+            if not (np.isfinite(mean[c]) and np.isfinite(batch_var[c])):
                 return False
     keep = 1.0 - factor
     for c in range(running_mean.shape[0]):
         running_mean[c] = keep * running_mean[c] + factor * mean[c]
     for c in range(running_var.shape[0]):
-        running_var[c] = keep * running_var[c] + var_factor * var[c]
+        running_var[c] = keep * running_var[c] + var_factor * batch_var[c]
     return True

@@ -122,8 +122,14 @@ def select(x: torch.Tensor, fused: bool = False) -> Backend:
     if name is not None:
         chosen = get(name)
         return chosen if chosen.supports(x) else get("torch")
+    return automatic(x, fused)
+
+
+def automatic(x: torch.Tensor, fused: bool = False) -> Backend:
+    """The automatic choice for ``x``, whatever is forced: the first backend of
+    ``AUTOMATIC_ORDER`` that supports and prefers it, else ``torch``."""
     for candidate in AUTOMATIC_ORDER:
-        found = _load(candidate)
+        found = _INSTANCES[candidate] if candidate in _INSTANCES else _load(candidate)
         if found is not None and found.supports(x) and found.prefers(x, fused):
             return found
-    return get("torch")
+    return _INSTANCES["torch"] if "torch" in _INSTANCES else get("torch")

@@ -122,7 +122,7 @@ class NumbaBackend(Backend):
     name = "numba"
 
     def supports(self, x: Tensor) -> bool:
-        return x.device.type == "cpu" and x.layout == torch.strided and x.dtype in (torch.float32, torch.float64)
+        return x.is_cpu and x.layout == torch.strided and x.dtype in (torch.float32, torch.float64)
 
     def prefers(self, x: Tensor, fused: bool = False) -> bool:
         """Where ``batchnorm bench`` measured torch's own kernels faster, leave the tensor to them,
