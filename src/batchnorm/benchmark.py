@@ -46,13 +46,14 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
-from .cases import QUICK, Case, shrink
+from .cases import MODELS, QUICK, Case, shrink
 from .cases import cases as case_table
 from .usage import UsageError
 
 PLAIN_MODES = ("train-fwd", "train-fwdbwd", "eval")
 FUSED_MODES = ("fused-relu", "fused-add-relu")
 MODES = PLAIN_MODES + FUSED_MODES
+MODEL_MODES = ("model-train", "model-eval")  # whole models (batchnorm.model_bench), asked for by name
 BYTES_PER_ELEMENT_MOVED = {  # in units of n * itemsize
     "train-fwd": 2,
     "train-fwdbwd": 5,
@@ -90,8 +91,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="input dtype (default float32); bfloat16 and float16 keep float32 parameters")  # fmt: skip
     parser.add_argument("--cases", default="", help="comma-separated substrings; run only cases whose name has one")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    parser.add_argument("--batch", type=int, default=None, help="batch of the ResNet-50 cases (default 32, cuda 256)")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated subset of {','.join(MODES)} (the default), and the whole-model modes "
+                        f"{','.join(MODEL_MODES)}")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch of the ResNet-50 cases (default 32, cuda 256) and models (default 16)")  # fmt: skip
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"model modes: comma-separated subset of {','.join(MODELS)} (torchvision's)")  # fmt: skip
+    parser.add_argument("--image-size", type=int, default=112, help="model modes: input height and width (default 112)")
     parser.add_argument("--quick", action="store_true", help="a few small cases, few repeats: seconds, for tests")
     parser.add_argument("--dry-run", action="store_true",
                         help="the selected cases shrunk to at most 50K elements, on the CPU whatever --device says: "
@@ -143,10 +150,10 @@ class Row:
 
 def _checked(args: argparse.Namespace) -> tuple[list[str], list[Case]]:
     """The modes and cases asked for; a bad option is a usage error naming it (before any work)."""
-    for option in ("repeats", "threads", "batch", "target_ms", "budget_s"):
+    for option in ("repeats", "threads", "batch", "target_ms", "budget_s", "image_size"):
         value = getattr(args, option)
         if value is not None and value <= 0:
-            kind = "integer" if option in ("repeats", "threads", "batch") else "number"
+            kind = "integer" if option in ("repeats", "threads", "batch", "image_size") else "number"
             raise UsageError(f"--{option.replace('_', '-')} must be a positive {kind}, got {value}")
     device = args.device.split(":")[0]
     if device not in ("cpu", "cuda"):
@@ -159,8 +166,14 @@ def _checked(args: argparse.Namespace) -> tuple[list[str], list[Case]]:
                              "(--dry-run runs the same cases shrunk, on the CPU)")  # fmt: skip
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
-        if mode not in MODES:
-            raise UsageError(f"--modes: unknown mode {mode!r}; expected some of {', '.join(MODES)}")
+        if mode not in MODES + MODEL_MODES:
+            raise UsageError(f"--modes: unknown mode {mode!r}; expected some of {', '.join(MODES + MODEL_MODES)}")
+    if any(m in MODEL_MODES for m in modes):
+        if device == "cuda" and not args.dry_run:
+            raise UsageError(f"--modes {','.join(m for m in modes if m in MODEL_MODES)}: CPU only for now")
+        parse_models(args.models)
+    if not any(m in MODES for m in modes):
+        return modes, []
     cases = _select_cases(args)
     if not cases:
         raise UsageError(f"--cases: no case matches {args.cases!r}")
@@ -189,10 +202,14 @@ def run(args: argparse.Namespace) -> int:
         folder.check(["results.md", "results.csv"])
 
     copy_gbps, fresh_gbps = _copy_bandwidth(device, quick=small)
-    top = [_header(args, device, dtype, repeats, copy_gbps, fresh_gbps), "", LEGEND, "", _markdown_header(args.kernels)]
+    layer_modes = [m for m in modes if m in MODES]
+    model_modes = [m for m in modes if m in MODEL_MODES]
+    top = [_header(args, device, dtype, repeats, copy_gbps, fresh_gbps)]
+    if layer_modes:
+        top += ["", LEGEND, "", _markdown_header(args.kernels)]
     print(*top, sep="\n", flush=True)
 
-    jobs = [(case, mode) for case in cases for mode in modes]
+    jobs = [(case, mode) for case in cases for mode in layer_modes]
     budget = args.budget_s
     if budget is not None:  # the headline mode first, in case the budget runs out
         jobs.sort(key=lambda job: job[1] != "train-fwdbwd")
@@ -263,6 +280,15 @@ def run(args: argparse.Namespace) -> int:
             measure(case, mode, with_compile=True)
             last_cost = time.perf_counter() - began
 
+    if model_modes:  # whole models, after the layers
+        from . import model_bench
+
+        print("", flush=True)
+        size = 32 if small else args.image_size
+        batch = args.batch or (2 if small else 16)
+        models = model_bench.report(parse_models(args.models), model_modes, batch, size, repeats,
+                                    lambda line: print(line, flush=True))  # fmt: skip
+        top += ["", *models]
     summary = closing()
     memory: list[str] = []
     if not args.no_memory and any(m in FUSED_MODES for m in modes) and device.type == "cpu":
@@ -316,6 +342,16 @@ def _header(args, device, dtype, repeats: int, copy_gbps: float, fresh_gbps: flo
         f"copy bandwidth {copy_gbps:.1f} GB/s (into an existing buffer), "
         f"{fresh_gbps:.1f} GB/s (fresh output, page faults included); medians of {repeats} {rounds}{dry}"
     )
+
+
+def parse_models(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise UsageError("--models: no model named")
+    for name in names:
+        if name not in MODELS:
+            raise UsageError(f"--models: unknown model {name!r}; expected some of {', '.join(MODELS)}")
+    return names
 
 
 def _select_cases(args) -> list[Case]:
