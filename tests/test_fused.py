@@ -90,6 +90,31 @@ def test_matches_torch_composition_train_and_eval(act, with_residual, shape, cha
 
 @pytest.mark.parametrize("act", ACTS, ids=IDS)
 @pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_eval_without_autograd_is_torchs_composition(act, with_residual, channels_last):
+    """Eval under no_grad on a layer our kernels run (one pass: multiply-add, residual and
+    activation together) gives what torch's BN, add and activation give, in x's layout."""
+    shape = KEPT_SHAPE
+    ours, theirs = _pair(shape, act)
+    with torch.no_grad():
+        theirs.running_mean.normal_()
+        theirs.running_var.uniform_(0.5, 2.0)
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval(), theirs.eval()
+    x = torch.randn(shape) * 2 + 0.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    r = torch.randn(shape) if with_residual else None  # NCHW: the other layout where x is channels-last
+    with torch.no_grad():
+        assert not batchnorm._route.runs_torch_ops(x, ours.weight, ours.bias, fused=True)
+        y = ours(x, r)
+        expected = _torch_reference(x, theirs, act, r)
+    assert_close(y, expected, 1e-5, 1e-5, "eval output")
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("act", ACTS, ids=IDS)
+@pytest.mark.parametrize("with_residual", [False, True])
 def test_gradcheck(act, with_residual):
     x = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
     w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()

@@ -358,6 +358,16 @@ def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return _affine_impl(x, scale, shift)
 
 
+def apply_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, act: Activation) -> Tensor:
+    """Eval ``act(x * scale[c] + shift[c] [+ residual])`` through our kernels in one call, where
+    autograd need not see it (``residual``: x's shape and dtype)."""
+    x = prepare(x)
+    x3 = as_ncl(x)
+    r3 = None if residual is None else as_ncl(residual)
+    fused = residual is not None or act != IDENTITY
+    return restore(kernels.select(x3, fused).apply_act(x3, scale, shift, r3, act), x)
+
+
 # ---------------------------------------------------------------------------
 # normalizing with statistics computed elsewhere (the synchronized layer)
 

@@ -143,7 +143,10 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return input.copy_(y) if inplace else y
     if not training:
         scale, shift = inference_affine(running_mean, running_var, weight, bias, eps)
-        y = _torch_ops.activate(_ops.affine(input, scale, shift), residual, act.name, act.param, False)
+        if torch.compiler.is_compiling() or _ops.needs_autograd(input, scale, shift, residual):
+            y = _torch_ops.activate(_ops.affine(input, scale, shift), residual, act.name, act.param, False)
+        else:  # one pass: the multiply-add, the residual and the activation in the kernel
+            y = _ops.apply_act(input, scale, shift, residual, act)
         return input.copy_(y) if inplace else y
     if keeps_output:  # with inplace, the output is written over the input
         y, mean, var = _memory_efficient.MemoryEfficientBatchNorm.apply(input, weight, bias, eps, act, inplace)

@@ -142,3 +142,31 @@ def test_a_mask_written_by_one_backend_is_read_by_the_other(forward_on, backward
     want = first.backward_train_residual(dy, x, mean, invstd, w, mask, act)
     for name, g, e in zip(["dx", "dresidual", "sum_dz", "sum_dz_xmu"], got, want, strict=True):
         assert_close(g, e, 1e-12, 1e-10, name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("act", [Activation("identity"), *ACTS], ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape,layout", RESIDUAL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float64, 1e-12, 1e-12), (torch.float32, 2e-6, 2e-6)])
+def test_eval_apply_act_matches_the_reference(backend, act, with_residual, shape, layout, dtype, atol, rtol, threads):
+    """Eval ``act(x * scale + shift [+ residual])`` in one call: the reference's inference
+    multiply-add, residual add and activation; NaN stays where it was."""
+    impl = kernels.get(backend)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 0.3
+    x[0, 0, 0] = float("nan")
+    r = torch.randn(shape, dtype=torch.float64) if with_residual else None
+    scale = torch.randn(shape[1], dtype=torch.float64)
+    shift = torch.randn(shape[1], dtype=torch.float64)
+    z = reference.inference(x.numpy(), scale.numpy(), shift.numpy())
+    y_ref = reference.activation_forward(z if r is None else z + r.numpy(), act.name, act.param)
+
+    xc, sc, bc = _make_layout(x.to(dtype), layout), scale.to(dtype), shift.to(dtype)
+    rc = None if r is None else _make_layout(r.to(dtype), "nlc" if layout == "ncl" else "ncl")  # the other layout
+    y = impl.apply_act(xc, sc, bc, rc, act)
+    assert y.dtype == dtype and y.shape == xc.shape
+    if layout != "strided":
+        assert y.stride() == xc.stride()
+    assert torch.isnan(y[0, 0, 0]) and torch.isnan(y).sum() == 1  # as torch's activations give NaN
+    y_ref[0, 0, 0] = float("nan")  # (the reference's relu takes NaN to 0)
+    assert_close(y, y_ref, atol * (10 if act.name in ("elu", "silu") else 1), rtol * 10, "y")

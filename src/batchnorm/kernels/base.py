@@ -59,6 +59,16 @@ class Backend:
 
     # -- fused paths, composed from the stages unless a backend overrides them --
 
+    def apply_act(
+        self, x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None, act: Activation = IDENTITY
+    ) -> Tensor:
+        """Eval ``act(x * scale + shift [+ residual])`` (no autograd): the multiply-add, then the
+        add and the activation in place on its output."""
+        y = self.apply(x, scale, shift)
+        if residual is not None:
+            y.add_(residual)
+        return activations.apply_(y, act)
+
     def forward_train(
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, act: Activation = IDENTITY
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -177,16 +177,30 @@ class NumbaBackend(Backend):
         return (y if write_y else None), mean, var, invstd
 
     def apply(self, x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        return self._apply(x, scale, shift, None, IDENTITY)
+
+    def apply_act(
+        self, x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None, act: Activation = IDENTITY
+    ) -> Tensor:
+        """``act(x * scale + shift [+ residual])`` in one pass of the eval kernel."""
+        if not act.kind.in_kernel:
+            return super().apply_act(x, scale, shift, residual, act)
+        return self._apply(x, scale, shift, residual, act)
+
+    def _apply(self, x, scale, shift, residual, act):
         c = x.shape[1]
         layout, x = _layout(x)
         y = empty_like(x)
         if x.numel() == 0:
             return y
         xa, ya = _view(x, layout), _view(y, layout)
+        ra = xa if residual is None else _view(_like(residual.to(x.dtype), layout), layout)  # x: a stand-in, unread
         sa, ba = _vec(scale, c, x.dtype, 1.0), _vec(shift, c, x.dtype, 0.0)
-        kernel = loops.EVAL.ncl_apply if layout == "ncl" else loops.EVAL.nlc_apply
+        kernels = loops.evaluation(act.name)
+        kernel = kernels.ncl_apply if layout == "ncl" else kernels.nlc_apply
         rows = xa.shape[0] * xa.shape[1] if layout == "ncl" else xa.shape[0]
-        threads.launch(kernel, x.numel(), lambda t: (xa, sa, ba, ya, _nlc_splits(t, rows)))
+        slope, has_r = _slope(act, x.dtype), residual is not None
+        threads.launch(kernel, x.numel(), lambda t: (xa, sa, ba, ra, has_r, slope, ya, _nlc_splits(t, rows)))
         return y
 
     # -- backward --

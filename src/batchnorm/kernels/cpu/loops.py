@@ -1,14 +1,14 @@
 """The Numba kernels of plain batch norm, launched from ``backend``: the training forward
 (statistics, and ``y = act(BN(x))`` in the same kernel), the training backward (``dz = dy *
 act'(z)`` with ``z`` recomputed from x, both sums of ``dz``, ``dx``) and the eval
-``y = x * scale + shift``; for both layouts of ``_helpers``.
+``y = act(x * scale + shift [+ r])``; for both layouts of ``_helpers``.
 
-The training kernels and the helpers that apply the activation are plain functions here,
-compiled once per activation by ``_helpers.kernel_family`` (``act``/``dact`` below are
-bound to that activation's scalar forms): ``training(name)`` gives them. The eval
-kernels are compiled once (``EVAL``). The forward writes the ``invstd`` it normalized
-with; the backward recomputes ``z`` with ``w * invstd`` from the ``invstd`` it is given,
-that same array, so ``act'(z)`` is taken where the forward took ``act(z)``.
+The kernels and the helpers that apply the activation are plain functions here, compiled
+once per activation by ``_helpers.kernel_family`` (``act``/``dact`` below are bound to that
+activation's scalar forms): ``training(name)`` gives the training kernels,
+``evaluation(name)`` the eval ones. The forward writes the ``invstd`` it normalized with;
+the backward recomputes ``z`` with ``w * invstd`` from the ``invstd`` it is given, that
+same array, so ``act'(z)`` is taken where the forward took ``act(z)``.
 
 Every kernel takes a ``splits`` count chosen by the launcher: the work items (channels x
 batch parts, or row blocks) are fixed by it, so results depend on the thread count only
@@ -16,8 +16,6 @@ through ``splits`` and are the same run to run.
 """
 
 from __future__ import annotations
-
-import types
 
 import numpy as np
 from numba import prange
@@ -32,7 +30,6 @@ from ._helpers import (
     SHIFT,
     A,
     B,
-    compile_kernel,
     finish_stats,
     grad_coefficients,
     kernel_family,
@@ -355,35 +352,45 @@ def nlc_backward(dy, x, chan, slope, count, splits, mode, dx, sums):
         _nlc_grad_input(dy, x, dx, r0, r1, coef, slope)
 
 
-# --- eval kernels ---
+# --- eval kernels (compiled per activation too) ---
 
 
-def ncl_apply(x, scale, shift, y, splits):
-    """Eval: ``y = x * scale[c] + shift[c]`` on x[N, C, L], one pass over ``splits``
-    blocks of the N*C rows of L."""
+def ncl_apply(x, scale, shift, r, has_r, slope, y, splits):
+    """Eval: ``y = act(x * scale[c] + shift[c] [+ r])`` on x[N, C, L], one pass over ``splits``
+    blocks of the N*C rows of L (``r`` is read only if ``has_r``; callers pass x otherwise)."""
     N, C, L = x.shape
     for s in prange(splits):
         r0, r1 = rows(s, splits, N * C)
         for row in range(r0, r1):
             c = row % C
             xr = x[row // C, c]  # L
+            rr = r[row // C, c]  # L
             yr = y[row // C, c]  # L
             a = scale[c]
             b = shift[c]
-            for i in range(L):
-                yr[i] = xr[i] * a + b
+            if has_r:
+                for i in range(L):
+                    yr[i] = act(xr[i] * a + b + rr[i], slope)
+            else:
+                for i in range(L):
+                    yr[i] = act(xr[i] * a + b, slope)
 
 
-def nlc_apply(x, scale, shift, y, splits):
-    """Eval: ``y = x * scale + shift`` on x[R, C], ``splits`` row blocks."""
+def nlc_apply(x, scale, shift, r, has_r, slope, y, splits):
+    """Eval: ``y = act(x * scale + shift [+ r])`` on x[R, C], ``splits`` row blocks."""
     R, C = x.shape
     for s in prange(splits):
         r0, r1 = rows(s, splits, R)
-        for r in range(r0, r1):
-            xr = x[r]  # C
-            yr = y[r]  # C
-            for c in range(C):
-                yr[c] = xr[c] * scale[c] + shift[c]
+        for row in range(r0, r1):
+            xr = x[row]  # C
+            rr = r[row]  # C
+            yr = y[row]  # C
+            if has_r:
+                for c in range(C):
+                    yr[c] = act(xr[c] * scale[c] + shift[c] + rr[c], slope)
+            else:
+                for c in range(C):
+                    yr[c] = act(xr[c] * scale[c] + shift[c], slope)
 
 
 training = kernel_family(
@@ -402,6 +409,4 @@ training = kernel_family(
     ),
     kernels=(ncl_forward, ncl_backward, nlc_forward, nlc_backward),
 )
-EVAL = types.SimpleNamespace(
-    **{fn.__name__: compile_kernel(fn, globals(), fn.__name__) for fn in (ncl_apply, nlc_apply)}
-)
+evaluation = kernel_family(globals(), helpers=(), kernels=(ncl_apply, nlc_apply))
