@@ -194,13 +194,17 @@ class NumbaBackend(Backend):
         if x.numel() == 0:
             return y
         xa, ya = _view(x, layout), _view(y, layout)
-        ra = xa if residual is None else _view(_like(residual.to(x.dtype), layout), layout)  # x: a stand-in, unread
         sa, ba = _vec(scale, c, x.dtype, 1.0), _vec(shift, c, x.dtype, 0.0)
         kernels = loops.evaluation(act.name)
-        kernel = kernels.ncl_apply if layout == "ncl" else kernels.nlc_apply
         rows = xa.shape[0] * xa.shape[1] if layout == "ncl" else xa.shape[0]
-        slope, has_r = _slope(act, x.dtype), residual is not None
-        threads.launch(kernel, x.numel(), lambda t: (xa, sa, ba, ra, has_r, slope, ya, _nlc_splits(t, rows)))
+        slope = _slope(act, x.dtype)
+        if residual is None:
+            kernel = kernels.ncl_apply if layout == "ncl" else kernels.nlc_apply
+            threads.launch(kernel, x.numel(), lambda t: (xa, sa, ba, slope, ya, _nlc_splits(t, rows)))
+        else:
+            ra = _view(_like(residual.to(x.dtype), layout), layout)
+            kernel = kernels.ncl_apply_res if layout == "ncl" else kernels.nlc_apply_res
+            threads.launch(kernel, x.numel(), lambda t: (xa, sa, ba, ra, slope, ya, _nlc_splits(t, rows)))
         return y
 
     # -- backward --

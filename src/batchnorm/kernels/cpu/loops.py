@@ -352,12 +352,28 @@ def nlc_backward(dy, x, chan, slope, count, splits, mode, dx, sums):
         _nlc_grad_input(dy, x, dx, r0, r1, coef, slope)
 
 
-# --- eval kernels (compiled per activation too) ---
+# --- eval kernels (compiled per activation too; the residual's own copies, as a branch on it
+# inside the loop keeps the serial copies from vectorizing) ---
 
 
-def ncl_apply(x, scale, shift, r, has_r, slope, y, splits):
-    """Eval: ``y = act(x * scale[c] + shift[c] [+ r])`` on x[N, C, L], one pass over ``splits``
-    blocks of the N*C rows of L (``r`` is read only if ``has_r``; callers pass x otherwise)."""
+def ncl_apply(x, scale, shift, slope, y, splits):
+    """Eval: ``y = act(x * scale[c] + shift[c])`` on x[N, C, L], one pass over ``splits``
+    blocks of the N*C rows of L."""
+    N, C, L = x.shape
+    for s in prange(splits):
+        r0, r1 = rows(s, splits, N * C)
+        for row in range(r0, r1):
+            c = row % C
+            xr = x[row // C, c]  # L
+            yr = y[row // C, c]  # L
+            a = scale[c]
+            b = shift[c]
+            for i in range(L):
+                yr[i] = act(xr[i] * a + b, slope)
+
+
+def ncl_apply_res(x, scale, shift, r, slope, y, splits):
+    """Eval: ``y = act(x * scale[c] + shift[c] + r)`` on x[N, C, L], as :func:`ncl_apply`."""
     N, C, L = x.shape
     for s in prange(splits):
         r0, r1 = rows(s, splits, N * C)
@@ -368,16 +384,24 @@ def ncl_apply(x, scale, shift, r, has_r, slope, y, splits):
             yr = y[row // C, c]  # L
             a = scale[c]
             b = shift[c]
-            if has_r:
-                for i in range(L):
-                    yr[i] = act(xr[i] * a + b + rr[i], slope)
-            else:
-                for i in range(L):
-                    yr[i] = act(xr[i] * a + b, slope)
+            for i in range(L):
+                yr[i] = act(xr[i] * a + b + rr[i], slope)
 
 
-def nlc_apply(x, scale, shift, r, has_r, slope, y, splits):
-    """Eval: ``y = act(x * scale + shift [+ r])`` on x[R, C], ``splits`` row blocks."""
+def nlc_apply(x, scale, shift, slope, y, splits):
+    """Eval: ``y = act(x * scale + shift)`` on x[R, C], ``splits`` row blocks."""
+    R, C = x.shape
+    for s in prange(splits):
+        r0, r1 = rows(s, splits, R)
+        for row in range(r0, r1):
+            xr = x[row]  # C
+            yr = y[row]  # C
+            for c in range(C):
+                yr[c] = act(xr[c] * scale[c] + shift[c], slope)
+
+
+def nlc_apply_res(x, scale, shift, r, slope, y, splits):
+    """Eval: ``y = act(x * scale + shift + r)`` on x[R, C], ``splits`` row blocks."""
     R, C = x.shape
     for s in prange(splits):
         r0, r1 = rows(s, splits, R)
@@ -385,12 +409,8 @@ def nlc_apply(x, scale, shift, r, has_r, slope, y, splits):
             xr = x[row]  # C
             rr = r[row]  # C
             yr = y[row]  # C
-            if has_r:
-                for c in range(C):
-                    yr[c] = act(xr[c] * scale[c] + shift[c] + rr[c], slope)
-            else:
-                for c in range(C):
-                    yr[c] = act(xr[c] * scale[c] + shift[c], slope)
+            for c in range(C):
+                yr[c] = act(xr[c] * scale[c] + shift[c] + rr[c], slope)
 
 
 training = kernel_family(
@@ -409,4 +429,4 @@ training = kernel_family(
     ),
     kernels=(ncl_forward, ncl_backward, nlc_forward, nlc_backward),
 )
-evaluation = kernel_family(globals(), helpers=(), kernels=(ncl_apply, nlc_apply))
+evaluation = kernel_family(globals(), helpers=(), kernels=(ncl_apply, ncl_apply_res, nlc_apply, nlc_apply_res))

@@ -72,14 +72,19 @@ def launch(kernel: Kernel, numel: int, make_args: Callable[[int], tuple]) -> Any
     if threads > 1 and _launch.acquire(blocking=False):
         try:
             _announce(kernel.parallel)
-            numba.set_num_threads(threads)
-            # Static scheduling: Numba's chunked scheduling costs about 1 ms per chunk.
-            chunksize = numba.set_parallel_chunksize(0)
+            # Set only what differs: each set costs the next parallel region 5-15 us.
+            if numba.get_num_threads() != threads:
+                numba.set_num_threads(threads)
+            # Static scheduling (chunk size 0, Numba's default): chunked scheduling costs about 1 ms per chunk.
+            chunksize = numba.get_parallel_chunksize()
+            if chunksize:
+                numba.set_parallel_chunksize(0)
             _state["launched"] = True
             try:
                 return kernel.parallel(*make_args(threads))
             finally:
-                numba.set_parallel_chunksize(chunksize)
+                if chunksize:
+                    numba.set_parallel_chunksize(chunksize)
         finally:
             _launch.release()
     _announce(kernel.serial)
