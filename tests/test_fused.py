@@ -91,9 +91,11 @@ def test_matches_torch_composition_train_and_eval(act, with_residual, shape, cha
 @pytest.mark.parametrize("act", ACTS, ids=IDS)
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_eval_without_autograd_is_torchs_composition(act, with_residual, channels_last):
-    """Eval under no_grad on a layer our kernels run (one pass: multiply-add, residual and
-    activation together) gives what torch's BN, add and activation give, in x's layout."""
+@pytest.mark.parametrize("backend", [None, "numba"], ids=["automatic", "numba"])
+def test_eval_without_autograd_is_torchs_composition(act, with_residual, channels_last, backend):
+    """Eval under no_grad gives what torch's BN, add and activation give, in x's layout: on
+    torch's kernel where the registry leaves eval to it (this size), and through our one-pass
+    kernel (multiply-add, residual and activation together) where numba runs it."""
     shape = KEPT_SHAPE
     ours, theirs = _pair(shape, act)
     with torch.no_grad():
@@ -105,8 +107,9 @@ def test_eval_without_autograd_is_torchs_composition(act, with_residual, channel
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     r = torch.randn(shape) if with_residual else None  # NCHW: the other layout where x is channels-last
-    with torch.no_grad():
-        assert not batchnorm._route.runs_torch_ops(x, ours.weight, ours.bias, fused=True)
+    with torch.no_grad(), batchnorm.kernels.backend(backend):
+        on_torch_ops = batchnorm._route.runs_torch_ops(x, ours.weight, ours.bias, fused=True, training=False)
+        assert on_torch_ops == (backend is None)
         y = ours(x, r)
         expected = _torch_reference(x, theirs, act, r)
     assert_close(y, expected, 1e-5, 1e-5, "eval output")

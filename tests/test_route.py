@@ -71,6 +71,39 @@ def test_the_small_input_rule_is_the_registrys_so_a_new_backend_is_not_skipped(m
     kernels._INSTANCES.pop("eager-stand-in", None)
 
 
+class TrainOnlyBackend(EagerBackend):
+    """A stand-in that takes every training call and declines every eval call."""
+
+    name = "train-only-stand-in"
+
+    def prefers_eval(self, x, fused=False):
+        return False
+
+    def apply_act(self, x, scale, shift, residual=None, act=IDENTITY):
+        self.calls.append("apply_act")
+        return super().apply_act(x, scale, shift, residual, act)
+
+
+def test_eval_asks_the_backends_eval_rule(monkeypatch):
+    """The registry asks ``prefers_eval`` for an eval call (``prefers`` for training); a
+    declined eval call runs torch's ops, whose eval result is torch's layer's."""
+    monkeypatch.setattr(kernels, "AUTOMATIC_ORDER", ["train-only-stand-in", *kernels.AUTOMATIC_ORDER])
+    monkeypatch.setitem(kernels._FACTORIES, "train-only-stand-in", f"{__name__}:TrainOnlyBackend")
+    monkeypatch.delitem(kernels._INSTANCES, "train-only-stand-in", raising=False)
+    x = torch.randn(4, 3, 5, 5)
+    assert not _route.runs_torch_ops(x, None, None, False, training=True)
+    assert _route.runs_torch_ops(x, None, None, False, training=False)
+    layer, theirs = batchnorm.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    EagerBackend.calls.clear()
+    layer(x), theirs(x)
+    assert EagerBackend.calls == ["forward_train"]
+    layer.eval(), theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), theirs(x))
+    assert EagerBackend.calls == ["forward_train"]  # no apply_act: eval went to torch's ops
+    kernels._INSTANCES.pop("train-only-stand-in", None)
+
+
 def test_a_layer_on_another_device_runs_torchs_ops():
     layer = batchnorm.BatchNorm2d(8, device="meta")
     y = layer(torch.empty(2, 8, 130, 130, device="meta"))

@@ -365,7 +365,7 @@ def apply_act(x: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None, 
     x3 = as_ncl(x)
     r3 = None if residual is None else as_ncl(residual)
     fused = residual is not None or act != IDENTITY
-    return restore(kernels.select(x3, fused).apply_act(x3, scale, shift, r3, act), x)
+    return restore(kernels.select(x3, fused, training=False).apply_act(x3, scale, shift, r3, act), x)
 
 
 # ---------------------------------------------------------------------------

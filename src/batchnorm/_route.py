@@ -47,11 +47,17 @@ def tool_needs_torch_ops() -> bool:
 
 
 def runs_torch_ops(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, fused: bool, memory_saving: bool = False
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    fused: bool,
+    memory_saving: bool = False,
+    training: bool = True,
 ) -> bool:
     """Whether this call runs torch's own ops (``_torch_ops``) rather than our kernels
     (``fused``: with an activation or residual; ``memory_saving``: only our path offers it,
-    so only tools and empty batches send it to torch's ops)."""
+    so only tools and empty batches send it to torch's ops; ``training``: else an eval call,
+    normalized with running statistics)."""
     if x.numel() == 0 or tool_needs_torch_ops():
         return True
     if memory_saving:
@@ -65,4 +71,4 @@ def runs_torch_ops(
         return False
     if bias is not None and bias.dtype != x.dtype:
         return False
-    return kernels.automatic(as_ncl(x), fused).name == "torch"
+    return kernels.automatic(as_ncl(x), fused, training).name == "torch"

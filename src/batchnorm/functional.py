@@ -55,7 +55,7 @@ def inference_affine(
 def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``y = x * scale[c] + shift[c]`` per channel (dim 1): a frozen batch norm; differentiable,
     and taking the same path as :func:`batch_norm` (our kernel, or torch's ops where those run)."""
-    if _route.runs_torch_ops(x, None, None, fused=False):
+    if _route.runs_torch_ops(x, None, None, fused=False, training=False):
         return _torch_ops.affine(x, scale, shift)
     return _ops.affine(x, scale, shift)
 
@@ -131,7 +131,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     if inplace and grad_needed and not training and input.numel() > 0:
         return _eval_in_place(input, running_mean, running_var, weight, bias, eps, act, residual)
     fused = residual is not None or act != activations.IDENTITY
-    if _route.runs_torch_ops(input, weight, bias, fused, memory_saving=keeps_output):
+    if _route.runs_torch_ops(input, weight, bias, fused, memory_saving=keeps_output, training=training):
         if updates and _route.in_functorch_transform():
             return _in_transform_updating(
                 input, running_mean, running_var, weight, bias, momentum, eps, num_batches_tracked, act, residual

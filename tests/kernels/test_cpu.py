@@ -586,3 +586,21 @@ def test_prefers_leaves_small_inputs_to_torch(monkeypatch):
         assert BACKEND.prefers(torch.empty(rows // 4, 4, 1), fused)
         assert kernels.select(at, fused).name == "torch"
         assert kernels.select(above, fused).name == "numba"
+
+
+def test_prefers_eval_only_from_32_mib_of_output(monkeypatch):
+    """Eval's multiply-add is torch's below ``PREFER_EVAL_MIN_BYTES`` (faster there, measured),
+    whatever the layout or dtype; training keeps its own rule."""
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    limit = backend.PREFER_EVAL_MIN_BYTES
+    for dtype in (torch.float32, torch.float64):
+        size = torch.finfo(dtype).bits // 8
+        below = torch.empty(2, 8, limit // size // 16 - 1, dtype=dtype)
+        at = torch.empty(2, 8, limit // size // 16, dtype=dtype)
+        rows = torch.empty(limit // size // 64, 64, 1, dtype=dtype)  # (B, N): bytes alone decide
+        for fused in (False, True):
+            assert BACKEND.prefers(below, fused) and not BACKEND.prefers_eval(below, fused)
+            assert BACKEND.prefers_eval(at, fused) and BACKEND.prefers_eval(rows, fused)
+            assert kernels.select(below, fused, training=False).name == "torch"
+            assert kernels.select(below, fused, training=True).name == "numba"
+            assert kernels.select(at, fused, training=False).name == "numba"

@@ -31,6 +31,11 @@ class Backend:
         plain or ``fused`` with an activation or residual; a forced choice ignores it."""
         return True
 
+    def prefers_eval(self, x: Tensor, fused: bool = False) -> bool:
+        """:meth:`prefers` for an eval-mode call (one multiply-add per element, where torch's
+        own kernel is harder to beat); by default the same answer."""
+        return self.prefers(x, fused)
+
     # -- the four stages --
 
     def stats(self, x: Tensor) -> tuple[Tensor, Tensor]:

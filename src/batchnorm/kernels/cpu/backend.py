@@ -29,6 +29,10 @@ Tensor = torch.Tensor
 SMALL_NUMEL = 1 << 18
 # (B, N) inputs (L == 1) below this many elements are left to torch's kernels too (same place).
 PREFER_MIN_ROWS_NUMEL = 1 << 20
+# Eval (one multiply-add per element) below this many bytes of output is left to torch's
+# kernel: there it is faster than ours; above, torch's fresh output faults its pages in on
+# every call (glibc maps allocations of 32 MiB and more afresh) and our pooled one does not.
+PREFER_EVAL_MIN_BYTES = 32 << 20
 # ncl: with at least this many channels per thread, one work item per channel
 # (statistics and normalization while the channel is in cache); else split the batch.
 CHANNELS_PER_THREAD = 4
@@ -133,6 +137,10 @@ class NumbaBackend(Backend):
         if x.shape[2] == 1:
             return x.numel() >= PREFER_MIN_ROWS_NUMEL
         return True
+
+    def prefers_eval(self, x: Tensor, fused: bool = False) -> bool:
+        """Eval only from ``PREFER_EVAL_MIN_BYTES`` of output (measured by ``batchnorm bench``)."""
+        return x.numel() * x.element_size() >= PREFER_EVAL_MIN_BYTES
 
     # -- forward --
 
