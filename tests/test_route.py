@@ -34,7 +34,9 @@ def test_tools_that_need_torch_ops_are_recognized():
 
 def test_small_cpu_calls_and_other_devices_take_torchs_kernel_unless_a_backend_is_forced():
     small, large = torch.randn(4, 3, 5, 5), torch.randn(2, 8, 130, 130)
-    assert _route.runs_torch_ops(small, None, None, False) and not _route.runs_torch_ops(large, None, None, False)
+    assert _route.runs_torch_ops(small, None, None, True) and not _route.runs_torch_ops(large, None, None, True)
+    assert _route.runs_torch_ops(large, None, None, False)  # plain: torch's kernel up to 1M elements
+    assert not _route.runs_torch_ops(torch.randn(2, 8, 300, 300), None, None, False)
     assert not _route.runs_torch_ops(small, None, None, False, memory_saving=True)  # only our path saves memory
     meta = torch.empty(2, 8, 130, 130, device="meta")  # stands for a GPU tensor: any device but the CPU
     assert _route.runs_torch_ops(meta, None, None, False)

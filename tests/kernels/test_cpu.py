@@ -579,13 +579,31 @@ def test_prefers_leaves_small_inputs_to_torch(monkeypatch):
     above = torch.empty(2, 4, small // 8 + 1)
     for fused in (False, True):
         assert not BACKEND.prefers(at, fused) and not BACKEND.prefers(at.to(torch.float64), fused)
-        assert BACKEND.prefers(above, fused) and BACKEND.prefers(above.to(torch.float64), fused)
         assert not BACKEND.prefers(above.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :1], fused)
         rows = backend.PREFER_MIN_ROWS_NUMEL
         assert not BACKEND.prefers(torch.empty(rows // 4 - 1, 4, 1), fused)
         assert BACKEND.prefers(torch.empty(rows // 4, 4, 1), fused)
         assert kernels.select(at, fused).name == "torch"
-        assert kernels.select(above, fused).name == "numba"
+    assert BACKEND.prefers(above, fused=True) and BACKEND.prefers(above.to(torch.float64), fused=True)
+    assert kernels.select(above, fused=True).name == "numba"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncl", "nlc"])
+def test_plain_training_goes_to_numba_only_from_its_own_size(channels_last, monkeypatch):
+    """Plain layers (no activation or residual) take torch's kernel below
+    ``PREFER_PLAIN_MIN_NUMEL`` (NCHW) or ``PREFER_PLAIN_CHANNELS_LAST_MIN_NUMEL`` (channels-last),
+    where our fused kernels already win."""
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+    limit = backend.PREFER_PLAIN_CHANNELS_LAST_MIN_NUMEL if channels_last else backend.PREFER_PLAIN_MIN_NUMEL
+
+    def shaped(numel):
+        x = torch.empty(2, 8, numel // 16)
+        return x.transpose(1, 2).contiguous().transpose(1, 2) if channels_last else x
+
+    below, at = shaped(limit - 16), shaped(limit)
+    assert not BACKEND.prefers(below) and BACKEND.prefers(below, fused=True)
+    assert BACKEND.prefers(at) and BACKEND.prefers(at, fused=True)
+    assert kernels.select(below).name == "torch" and kernels.select(at).name == "numba"
 
 
 def test_prefers_eval_only_from_32_mib_of_output(monkeypatch):

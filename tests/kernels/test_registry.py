@@ -74,6 +74,8 @@ def test_numba_declines_small_row_inputs_plain_or_fused(monkeypatch):
     monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
     above_small = (4, 64, SMALL_NUMEL // 256 + 1)  # spatial, just over the small-input rule
     for x in (torch.randn(above_small).mT.contiguous().mT, torch.randn(above_small), torch.randn(2, 8, 1 << 15)):
+        assert kernels.select(x, fused=True).name == "numba"
+    for x in (torch.randn(4, 64, 1 << 14).mT.contiguous().mT, torch.randn(2, 8, 1 << 16)):  # plain: larger
         assert kernels.select(x).name == kernels.select(x, fused=True).name == "numba"
     for x in (torch.randn(4, 8, 49).mT.contiguous().mT, torch.randn(4, 8, 49)):  # small: torch's kernel
         assert kernels.select(x).name == kernels.select(x, fused=True).name == "torch"

@@ -29,6 +29,10 @@ Tensor = torch.Tensor
 SMALL_NUMEL = 1 << 18
 # (B, N) inputs (L == 1) below this many elements are left to torch's kernels too (same place).
 PREFER_MIN_ROWS_NUMEL = 1 << 20
+# Plain training (no activation or residual fused) below this many elements is left to torch's
+# kernel, NCHW and channels-last; our fused kernels win from SMALL_NUMEL on (same place).
+PREFER_PLAIN_MIN_NUMEL = 1 << 20
+PREFER_PLAIN_CHANNELS_LAST_MIN_NUMEL = 1 << 22
 # Eval (one multiply-add per element) below this many bytes of output is left to torch's
 # kernel: there it is faster than ours; above, torch's fresh output faults its pages in on
 # every call (glibc maps allocations of 32 MiB and more afresh) and our pooled one does not.
@@ -129,14 +133,20 @@ class NumbaBackend(Backend):
         return x.is_cpu and x.layout == torch.strided and x.dtype in (torch.float32, torch.float64)
 
     def prefers(self, x: Tensor, fused: bool = False) -> bool:
-        """Where ``batchnorm bench`` measured torch's own kernels faster, leave the tensor to them,
-        plain or fused: up to ``SMALL_NUMEL`` elements, and ``(B, N)`` inputs under
-        ``PREFER_MIN_ROWS_NUMEL``."""
-        if x.numel() <= SMALL_NUMEL:
+        """Where ``batchnorm bench`` measured torch's own kernels faster, leave the tensor to them:
+        up to ``SMALL_NUMEL`` elements, ``(B, N)`` inputs under ``PREFER_MIN_ROWS_NUMEL``, and
+        plain (not ``fused``) layers under ``PREFER_PLAIN_MIN_NUMEL`` (NCHW) or
+        ``PREFER_PLAIN_CHANNELS_LAST_MIN_NUMEL`` (channels-last)."""
+        numel = x.numel()
+        if numel <= SMALL_NUMEL:
             return False
         if x.shape[2] == 1:
-            return x.numel() >= PREFER_MIN_ROWS_NUMEL
-        return True
+            return numel >= PREFER_MIN_ROWS_NUMEL
+        if fused:
+            return True
+        if sign_mask.layout(x) == "nlc":
+            return numel >= PREFER_PLAIN_CHANNELS_LAST_MIN_NUMEL
+        return numel >= PREFER_PLAIN_MIN_NUMEL
 
     def prefers_eval(self, x: Tensor, fused: bool = False) -> bool:
         """Eval only from ``PREFER_EVAL_MIN_BYTES`` of output (measured by ``batchnorm bench``)."""
