@@ -27,7 +27,7 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def _norms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def test_without_norm_takes_out_every_batch_norm_and_keeps_the_rest():

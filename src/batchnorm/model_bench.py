@@ -70,7 +70,7 @@ def without_norm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every batch-norm layer replaced by :class:`_WithoutNorm`."""
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.modules.batchnorm._NormBase):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             act = getattr(module, "activation", activations.IDENTITY)

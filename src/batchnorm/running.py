@@ -45,7 +45,7 @@ def update_running_stats(
 ) -> None:
     """Fold one batch's ``mean`` and biased ``var`` (over ``count`` values per channel) into
     the running estimates, in place; see the module docstring for the rule."""
-    if mean.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+    if _compiled_on_cpu(mean):
         _update_on_cpu(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                        skip_nonfinite, nonfinite_count)  # fmt: skip
         return
@@ -68,13 +68,19 @@ def update_from_invstd(
     """:func:`update_running_stats` from ``invstd = 1 / sqrt(var + eps)`` (what torch's
     ``native_batch_norm`` returns) instead of ``var``; on the CPU the variance is recovered
     inside the one compiled call."""
-    if mean.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+    if _compiled_on_cpu(mean):
         _update_on_cpu(running_mean, running_var, mean, invstd, count, momentum, num_batches_tracked,
                        skip_nonfinite, nonfinite_count, eps)  # fmt: skip
         return
     var = invstd.detach().pow(-2) - eps
     update_on_device(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                      skip_nonfinite, nonfinite_count)  # fmt: skip
+
+
+def _compiled_on_cpu(mean: Tensor) -> bool:
+    """Whether the update runs as the one compiled CPU call (CPU statistics, eagerly: not while
+    compiling or tracing, where only tensor ops are recorded)."""
+    return mean.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
 
 def update_on_device(
