@@ -35,9 +35,9 @@ def backends_fixture():
     @pytest.fixture(autouse=True, params=["auto", "torch", "numba"])
     def each_backend(request):
         if request.param == "auto":
-            yield
+            yield request.param
             return
         with batchnorm.backend(request.param):
-            yield
+            yield request.param
 
     return each_backend

@@ -210,6 +210,23 @@ def test_nonfinite_batch_does_not_poison_running_statistics():
     assert not torch.isfinite(torch_like.running_var).all()
 
 
+def test_finite_batch_whose_variance_overflows_is_skipped_not_an_error(each_backend):
+    """Values near float32's largest: the batch variance overflows to inf (invstd 0). Its
+    running update is skipped as non-finite (not a ZeroDivisionError); where torch's kernel
+    runs, the output is torch's. (Our kernels' shifted sums overflow too, giving NaN where
+    torch's float64 accumulation gives 0: neither is the normalized value, 1.22.)"""
+    x = torch.ones(3, 2)
+    x[0, 0], x[1, 0] = 3e38, -3e38
+    ours = batchnorm.BatchNorm1d(2)
+    saved = copy.deepcopy(ours.state_dict())
+    y = ours(x)
+    for key, value in saved.items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    assert int(ours.num_nonfinite_batches) == 1
+    if each_backend != "numba":
+        torch.testing.assert_close(y, nn.BatchNorm1d(2)(x))
+
+
 def test_large_mean_variance_is_stable_in_float32():
     x64 = torch.randn(16, 3, 8, 8, dtype=torch.float64) + 1e4
     ours = batchnorm.BatchNorm2d(3, momentum=1.0)

@@ -177,7 +177,7 @@ def _numpy(t: Tensor) -> np.ndarray:
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")  # 1 / 0 is inf (a skipped batch), not an error
 def running_update(running_mean, running_var, mean, var, factor, var_factor, skip_nonfinite, eps=-1.0):
     """``running = (1 - factor) * running + scale * batch`` for both buffers (``scale`` is
     ``factor`` for the mean, ``var_factor`` for the variance), unless ``skip_nonfinite`` and a
