@@ -4,10 +4,10 @@ the one table (``KINDS``) that answers every per-activation question.
 An activation is a name and one parameter (:class:`Activation`: LeakyReLU's
 slope, ELU's alpha). Per name, ``KINDS`` says:
 
-* ``in_kernel``: whether it has a compare-and-multiply scalar form, which the
-  backends' loops apply in the same pass that writes ``y`` (ReLU, LeakyReLU);
-  the others (ELU, SiLU: an ``exp`` per element) run as torch's vectorized
-  activation after the kernel, and a backend composes them (``kernels.base``);
+* ``in_kernel``: whether it has a scalar form (``act(z)`` and ``act'(z)``, ELU's
+  and SiLU's through a vectorizable ``exp``) that the backends' loops apply in
+  the same pass that writes ``y`` (every activation here); one without runs as
+  torch's activation after the kernel, composed by ``kernels.base``;
 * ``after_residual``: how the backward gets ``act'(z)`` when a residual was added
   before the activation, so ``z`` can no longer be recomputed from ``x``:
   ``"one"`` (the identity), ``"mask"`` (the 1-bit sign of ``z`` kept by the
@@ -79,13 +79,13 @@ KINDS: dict[str, Kind] = {
         inverse=lambda y, p: torch.where(y > 0, y, y / p), negative_slope=lambda p: p,
     ),
     "elu": Kind(
-        nn.ELU, "alpha", 1.0, in_kernel=False, after_residual="output", invertible=lambda p: p > 0,
+        nn.ELU, "alpha", 1.0, in_kernel=True, after_residual="output", invertible=lambda p: p > 0,
         grad=lambda z, p: torch.where(z > 0, 1.0, p * torch.exp(z)),
         grad_from_output=lambda y, p: torch.where(y > 0, 1.0, y + p),
         inverse=lambda y, p: torch.where(y > 0, y, torch.log1p(y / p)),
     ),
     "silu": Kind(
-        nn.SiLU, None, 0.0, in_kernel=False, after_residual="residual", invertible=lambda p: False,
+        nn.SiLU, None, 0.0, in_kernel=True, after_residual="residual", invertible=lambda p: False,
         grad=_silu_grad, grad_from_output=None, inverse=None,
     ),
 }  # fmt: skip

@@ -25,7 +25,7 @@ Per-channel coefficients travel as rows of a ``coef`` array in x's dtype,
 Kernels per activation: the activations whose scalar form the loops apply
 (``activations.KINDS[name].in_kernel``) are in ``SCALAR_FORMS``, as ``act(z,
 slope)`` and ``dact(z, slope)`` in z's dtype (``slope``: LeakyReLU's, a runtime
-scalar in x's dtype). A loop module writes its activation-dependent helpers and
+scalar in x's dtype; ELU's alpha). A loop module writes its activation-dependent helpers and
 kernels as plain functions calling the globals ``act``/``dact``;
 :func:`kernel_family` copies them with those globals bound to one activation's
 forms, so each activation gets its own kernels (its own qualified names, hence
@@ -40,21 +40,26 @@ helpers inlined into it: after editing this file, delete the cached ``*.nbi`` an
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba.core import types as nbtypes
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from ...activations import KINDS, Activation
 
 # Reassociation lets LLVM vectorize the float64 reductions; no "nnan"/"ninf":
-# NaN and Inf in the input must reach the output as they would in torch.
+# NaN and Inf in the input must reach the output as they would in torch. NumPy's error
+# model: a division by zero gives inf/NaN, as in torch, instead of a zero test and a raised
+# ZeroDivisionError per division (which also keeps a loop that divides from vectorizing).
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
-helper = numba.njit(cache=True, fastmath=FASTMATH, inline="always")
+ERROR_MODEL = "numpy"
+helper = numba.njit(cache=True, fastmath=FASTMATH, error_model=ERROR_MODEL, inline="always")
 COLUMN_BLOCK = 2048  # nlc: channels per block, so the partial sums (in x's dtype) stay in L1
 BLOCK = 256  # ncl: values per block sum in x's dtype
 ROW_BLOCK = 64  # nlc: rows per block sum in x's dtype
@@ -90,7 +95,58 @@ def _one_of(v):
     return lambda v: dtype(1)
 
 
-# --- the activations' scalar forms; NaN: relu(NaN) = NaN, relu'(NaN) = 0, leaky'(NaN) = slope ---
+# --- exp in the dtype of its argument. float32: Cephes' expf (Cody-Waite reduction to
+# |r| <= ln2 / 2, a degree-6 polynomial, 2^k from its exponent bits), in operations LLVM
+# vectorizes, as no vector libm is linked here; relative error below 4e-7 on [-87.3, 88.3],
+# 0 below (where exp is subnormal) and inf above. float64: libm's exp. ---
+
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 = hi + lo, hi exact in few bits
+_EXP_MAX, _EXP_MIN = 88.3762626647949, -87.33654475  # 2^k stays a normal float32 in between
+_EXPF_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+@intrinsic
+def _float32_from_bits(typingctx, bits):
+    """The float32 whose IEEE bits are the int32 ``bits`` (a bit cast, free in a vector)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return nbtypes.float32(nbtypes.int32), codegen
+
+
+def exp_of(z):
+    """``exp(z)`` in the dtype of ``z``; compiled code only (see above)."""
+    raise NotImplementedError
+
+
+@overload(exp_of)
+def _exp_of(z):
+    if z != nbtypes.float32:
+        return lambda z: math.exp(z)
+    p0, p1, p2, p3, p4, p5 = (np.float32(p) for p in _EXPF_POLY)
+    hi, lo, log2e = np.float32(_LN2_HI), np.float32(_LN2_LO), np.float32(_LOG2E)
+    top, bottom = np.float32(_EXP_MAX), np.float32(_EXP_MIN)
+    zero, half, one, inf = np.float32(0), np.float32(0.5), np.float32(1), np.float32(np.inf)
+
+    def expf(z):
+        over = z > top
+        under = z < bottom
+        x = zero if over | under | (z != z) else z  # in range (and not NaN) for the integer part
+        k = np.floor(x * log2e + half)
+        r = x - k * hi - k * lo
+        p = ((((p0 * r + p1) * r + p2) * r + p3) * r + p4) * r + p5
+        e = (p * r * r + r + one) * _float32_from_bits(np.int32((np.int32(k) + 127) << 23))
+        e = inf if over else e
+        e = zero if under else e
+        return z if z != z else e
+
+    return expf
+
+
+# --- the activations' scalar forms (``slope``: the activation's one parameter, see backend._slope);
+# NaN: act(NaN) = NaN; relu'(NaN) = 0, leaky'(NaN) = slope, elu'(NaN) = silu'(NaN) = NaN ---
 
 
 @helper
@@ -125,11 +181,35 @@ def _leaky_relu_grad(z, slope):
     return one_of(z) if z > zero_of(z) else slope
 
 
+@helper
+def _elu(z, alpha):
+    return z if z > zero_of(z) else alpha * (exp_of(z) - one_of(z))
+
+
+@helper
+def _elu_grad(z, alpha):
+    return one_of(z) if z > zero_of(z) else alpha * exp_of(z)
+
+
+@helper
+def _silu(z, unused):
+    return z / (one_of(z) + exp_of(-z))
+
+
+@helper
+def _silu_grad(z, unused):
+    one = one_of(z)
+    s = one / (one + exp_of(-z))
+    return s * (one + z * (one - s))
+
+
 # name -> (act, dact), for the activations with ``KINDS[name].in_kernel``
 SCALAR_FORMS = {
     "identity": (_identity, _identity_grad),
     "relu": (_relu, _relu_grad),
     "leaky_relu": (_leaky_relu, _leaky_relu_grad),
+    "elu": (_elu, _elu_grad),
+    "silu": (_silu, _silu_grad),
 }
 assert set(SCALAR_FORMS) == {name for name, kind in KINDS.items() if kind.in_kernel}
 
@@ -204,7 +284,7 @@ def rows(s, splits, R):
 
 # Strict IEEE, said explicitly: a callee that does not set ``fastmath`` inherits its caller's,
 # and fast-math turns 1 / sqrt into a reciprocal-square-root estimate (off by an ulp).
-@numba.njit(cache=True, fastmath=False, error_model="numpy")
+@numba.njit(cache=True, fastmath=False, error_model=ERROR_MODEL)
 def invstd_of(var, eps):
     """``1 / sqrt(var + eps)`` in var's dtype (``eps`` in it too): correctly rounded sqrt, then
     division, as ``torch.rsqrt``; ``inf`` for a zero ``var + eps``."""
@@ -255,7 +335,7 @@ def _renamed(fn, namespace: dict, name: str):
 
 
 def compile_kernel(fn, namespace: dict, name: str) -> Kernel:
-    options = {"cache": True, "fastmath": FASTMATH, "nogil": True}
+    options = {"cache": True, "fastmath": FASTMATH, "error_model": ERROR_MODEL, "nogil": True}
     return Kernel(
         numba.njit(parallel=True, **options)(_renamed(fn, namespace, name)),
         numba.njit(parallel=False, **options)(_renamed(fn, namespace, name + "_serial")),

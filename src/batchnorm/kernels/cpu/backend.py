@@ -87,8 +87,9 @@ def _scalar(value: float, dtype: torch.dtype) -> np.generic:
 
 
 def _slope(act: Activation, dtype: torch.dtype) -> np.generic:
-    """The activation's slope below zero, the one parameter the kernels take (0 if it has none)."""
-    return _scalar(act.negative_slope if act.keeps_mask else 0.0, dtype)
+    """The one parameter the kernels take: the slope below zero for the activations with a sign
+    mask (ReLU: 0), else the activation's own (ELU's alpha; 0 if it has none)."""
+    return _scalar(act.negative_slope if act.keeps_mask else act.param, dtype)
 
 
 def _zero_width_mask(x: np.ndarray) -> np.ndarray:
