@@ -83,7 +83,7 @@ def test_run_writes_markdown_and_csv(tmp_path, capsys):
     assert "copy bandwidth" in printed and "| small-32x64 | 32x64 | train-fwdbwd |" in printed
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 10  # 2 cases x 5 modes
+    assert len(rows) == 2 * len(benchmark.MODES)
     assert {r["mode"] for r in rows} == set(benchmark.MODES)
     for r in rows:
         assert float(r["ours_ms"]) > 0 and float(r["torch_ms"]) > 0 and r["compile_ms"] == ""
@@ -91,7 +91,7 @@ def test_run_writes_markdown_and_csv(tmp_path, capsys):
         ours, theirs, half = float(r["ours_ms"]), float(r["torch_ms"]), 5e-5
         assert (theirs - half) / (ours + half) - 1e-3 <= float(r["vs_torch"]) <= (theirs + half) / (ours - half) + 1e-3
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n| small-") == 10 and "small shapes: ours/torch time" in table
+    assert table.count("\n| small-") == 2 * len(benchmark.MODES) and "small shapes: ours/torch time" in table
     # the fused modes bring the memory report: per-block bytes and the ResNet-style client's step
     assert "| BN+ReLU |" in table and "| BN+add+ReLU |" in table and "memory_efficient=True" in table
     assert "| peak of live tensors |" in table and "| kept for the backward |" in table
@@ -170,6 +170,22 @@ def test_summary_speaks_to_each_target():
     assert "train fwd+bwd, ResNet-50 set (2 cases): geomean 2.00x torch eager" in text and "lowest 1.00x" in text
     assert "train-fwd, large cases (1): 70%" in text and "eval, large cases (1): 90%" in text
     assert "ahead in 3/4" in text and "at most 1.50" in text
+    assert "at most 1000 us per call over torch's; target <= 1.2: not met (why: benchmarks/README.md" in text
+    assert "channels-last" not in text and "BN+SiLU" not in text  # no such rows, no such lines
+
+    last = (32, 256, 56, 56)
+    more = [
+        benchmark.Row(Case("cl", "resnet50", last, True), "train-fwdbwd", 1.0, 1.6, None, 1.0, 0.7),
+        row("resnet50", "fused-silu", big, 1.0, 2.5, None, 0.5),
+        row("resnet50", "fused-add-relu", big, 1.0, 1.1, None, 0.5),
+    ]
+    text = "\n".join(benchmark._summary(rows + more))
+    assert "channels-last alone (1 cases): geomean 1.60x torch eager (target >= 1.5x: met)" in text
+    assert "train-fwdbwd, large cases (3): 50% of copy bandwidth median" in text and "(target >= 75%: not met" in text
+    assert "NCHW 50%, channels-last 70% of copy bandwidth, 29% apart (target <= 10%: not met" in text
+    assert "BN+SiLU fwd+bwd, ResNet-50 set (1 cases): geomean 2.50x torch eager (target >= 2x: met)" in text
+    assert "BN+add+ReLU fwd+bwd, ResNet-50 set (1 cases): geomean 1.10x torch eager (target >= 3x: not met" in text
+    assert "lowest 1.10x (c; target >= 1.2x: not met" in text
 
 
 def test_unknown_mode_is_an_error():
