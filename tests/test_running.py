@@ -65,3 +65,36 @@ def test_update_from_invstd_is_the_update_from_the_variance_it_encodes(dtype, de
     rm, rv, n, f = torch.zeros(6, dtype=dtype), torch.ones(6, dtype=dtype), torch.tensor(0), torch.tensor(0)
     running.update_from_invstd(rm, rv, mean, bad, eps, 40, 0.1, n, True, f)
     assert (rm == 0).all() and (rv == 1).all() and int(n) == 0 and int(f) == 1
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("backend", [None, "numba"])
+def test_checkpointed_forward_updates_running_statistics_once(reentrant, backend):
+    """Under ``torch.utils.checkpoint`` the recomputation in the backward normalizes again but
+    leaves the running statistics alone: buffers, outputs and gradients equal the same model's
+    without checkpointing (torch's own layers count such a batch twice, pytorch#96136)."""
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    import batchnorm
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), batchnorm.BatchNorm2d(4, activation="relu"),
+        torch.nn.Conv2d(4, 5, 3), batchnorm.BatchNorm2d(5, momentum=None),
+    ).double()  # fmt: skip
+    checkpointed = copy.deepcopy(plain)
+    with batchnorm.backend(backend):
+        for _ in range(3):
+            x = torch.randn(4, 3, 9, 8, dtype=torch.float64)
+            y = plain(x)
+            y.square().sum().backward()
+            y_ckpt = checkpoint(checkpointed, x.requires_grad_(), use_reentrant=reentrant)
+            y_ckpt.square().sum().backward()
+            torch.testing.assert_close(y_ckpt, y, rtol=1e-12, atol=1e-12)
+    for (name, expected), got in zip(plain.state_dict().items(), checkpointed.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=name)
+    assert int(checkpointed[3].num_batches_tracked) == 3
+    for expected, got in zip(plain.parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-12)

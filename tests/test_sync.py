@@ -245,6 +245,25 @@ def check_ddp_cnn(sizes: tuple[int, ...], rank: int, world: int, steps: int = 3)
     soft.raise_any()
 
 
+def check_checkpointed(rank: int, world: int) -> None:
+    """Under ``torch.utils.checkpoint`` (non-reentrant) the recomputation in the backward
+    gathers the statistics again but updates the running ones once: as the plain layer
+    on the global batch without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    sizes = (3, 5, 4)[:world]
+    sync = SyncBatchNorm(4, dtype=torch.float64)
+    plain = batchnorm.BatchNorm2d(4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(_seed("checkpointed"))
+    for _ in range(2):
+        x = torch.randn(sum(sizes), 4, 3, 2, dtype=torch.float64, generator=g)
+        plain(x).sum().backward()
+        checkpoint(sync, _local(x, sizes, rank).requires_grad_(), use_reentrant=False).square().sum().backward()
+    assert int(sync.num_batches_tracked) == 2
+    assert_close(sync.running_mean, plain.running_mean, 1e-12, 1e-12, "running_mean")
+    assert_close(sync.running_var, plain.running_var, 1e-12, 1e-12, "running_var")
+
+
 def check_group_of_one(rank: int, world: int) -> None:
     """A group holding only this rank: the plain layer (no collective), as BatchNorm2d."""
     groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
@@ -465,6 +484,7 @@ SCENARIOS: dict[str, list[tuple[str, Callable[[int, int], None]]]] = {
         ("ddp_cnn_even", lambda r, w: check_ddp_cnn((6, 6), r, w)),
         ("ddp_cnn_uneven", lambda r, w: check_ddp_cnn((3, 7), r, w)),
         ("group_of_one", check_group_of_one),
+        ("checkpointed", check_checkpointed),
         ("channel_mismatch", check_channel_mismatch),
         ("single_value", check_single_value),
         ("empty_global_batch", check_empty_global_batch),

@@ -9,7 +9,7 @@ The paths (``_route`` decides between torch's ops and ours):
 * **eval in place under autograd**: torch's in-place multiply-add;
 * **eval**: one multiply-add per element through our kernels (``_ops.affine``);
 * **training**: our fused kernels (``_ops.forward_train``), then the running
-  update (``running``).
+  update (``running``), which a checkpointed forward's recomputation skips.
 
 A residual that does not match the input's shape and dtype (a broadcast, a
 type promotion) is added after the normalization as a torch op.
@@ -27,7 +27,7 @@ from ._layout import per_channel
 from ._ops import composite_forward  # noqa: F401  (kept importable from here)
 from .activations import Activation
 from .numerics import affine_from_stats, invstd_of, stats_dtype
-from .running import update_running_stats
+from .running import recomputing, update_running_stats
 
 Tensor = torch.Tensor
 
@@ -115,6 +115,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 skip_nonfinite, nonfinite_count, activation, residual, memory_efficient,
                 inplace) -> Tensor:  # fmt: skip
     check_input(input, running_mean, running_var, weight, bias, training, eps)
+    if training and recomputing():  # a checkpointed forward again: the statistics are counted already
+        running_mean = running_var = num_batches_tracked = nonfinite_count = None
     act = activations.parse(activation)
     check_residual(input, residual)
     if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):

@@ -93,3 +93,22 @@ def grad_input_coefficients(
     a = -k * invstd * invstd * _as(sum_dy_xmu, invstd) / count  # C: through the variance
     b = -k * _as(sum_dy, invstd) / count - a * _as(mean, invstd)  # C: through the mean
     return k, a, b
+
+
+def pooled(means: Tensor, variances: Tensor, counts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, biased var, total count)`` of ``K`` groups of values merged: rows ``(K, C)`` of
+    each group's mean and biased variance, ``(K, 1)`` of its count.
+
+    Chan et al.'s parallel merge: with ``n_k`` values, mean ``m_k`` and biased variance
+    ``v_k`` in group ``k`` and ``n = sum n_k``, ``mean = sum n_k m_k / n`` and
+    ``var = (sum n_k v_k + sum n_k (m_k - mean)^2) / n``: the spread within each group plus
+    the spread of the group means, both around the merged mean (no ``E[x^2] - E[x]^2``
+    cancellation). A group with no values weighs zero (its rows may hold anything finite).
+    The groups are ranks (SyncBatchNorm), micro-batches or a whole dataset's batches
+    (``batchnorm.population``); exact up to the rounding of the dtype the rows are in.
+    """
+    total = counts.sum(0)  # 1
+    weights = counts / total.clamp(min=1)  # K,1: n_k / n
+    mean = (weights * means).sum(0)  # C
+    var = (weights * (variances + (means - mean) ** 2)).sum(0)  # C
+    return mean, var, total

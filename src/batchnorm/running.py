@@ -26,7 +26,7 @@ from .numerics import unbiased
 
 Tensor = torch.Tensor
 
-__all__ = ["update_from_invstd", "update_on_device", "update_running_stats"]
+__all__ = ["recomputing", "update_from_invstd", "update_on_device", "update_running_stats"]
 
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 _EMPTY = np.empty(0)
@@ -75,6 +75,15 @@ def update_from_invstd(
     var = invstd.detach().pow(-2) - eps
     update_on_device(running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
                      skip_nonfinite, nonfinite_count)  # fmt: skip
+
+
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing's
+    recomputation (``torch.utils.checkpoint``, reentrant or not). The real forward has
+    updated the running statistics already, so a training call here leaves them alone
+    (torch's layers update them twice, pytorch#96136). Eager only: under ``torch.compile``
+    the recomputation belongs to the compiled backward."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def _compiled_on_cpu(mean: Tensor) -> bool:

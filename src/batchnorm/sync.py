@@ -23,8 +23,8 @@ from . import _fx, _ops, _route, _torch_ops, activations, kernels, modules
 from ._checks import ShapeError, check_input, check_residual
 from ._layout import as_ncl, output_memory_format, prepare
 from ._swap import swap_layer
-from .numerics import invstd_of, stats_dtype
-from .running import update_running_stats
+from .numerics import invstd_of, pooled, stats_dtype
+from .running import recomputing, update_running_stats
 
 Tensor = torch.Tensor
 
@@ -88,21 +88,11 @@ def agree_on_channels(channels: int, device: torch.device, process_group=None) -
 
 
 def _merge(gathered: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Global ``(mean, biased var, count per rank)`` from the gathered ``(W, 2C+1)`` rows.
-
-    Chan et al.'s parallel merge, in the pack dtype: with ``n_r`` values,
-    mean ``m_r`` and biased variance ``v_r`` on rank ``r`` and ``n = sum n_r``,
-    ``mean = sum n_r m_r / n`` and
-    ``var = (sum n_r v_r + sum n_r (m_r - mean)^2) / n``: the spread within each
-    rank plus the spread of the rank means, both taken around the merged mean
-    (no ``E[x^2] - E[x]^2`` cancellation). A rank with no samples sends zeros
-    and weighs zero, so uneven and empty ranks need no special case.
-    """
+    """Global ``(mean, biased var, count per rank)`` from the gathered ``(W, 2C+1)`` rows, by
+    ``numerics.pooled`` in the pack dtype. A rank with no samples sends zeros and weighs
+    zero, so uneven and empty ranks need no special case."""
     means, vars_, counts = gathered[:, :channels], gathered[:, channels : 2 * channels], gathered[:, -1:]  # W,C W,C W,1
-    total = counts.sum(0)  # 1
-    weights = counts / total.clamp(min=1)  # W,1: n_r / n
-    mean = (weights * means).sum(0)  # C
-    var = (weights * (vars_ + (means - mean) ** 2)).sum(0)  # C
+    mean, var, _ = pooled(means, vars_, counts)
     return mean, var, counts.flatten()
 
 
@@ -147,6 +137,8 @@ def sync_batch_norm(
     # every check of the functional form except "more than 1 value per channel",
     # which is about the global batch and is decided after the exchange
     check_input(input[:0], running_mean, running_var, weight, bias, True, eps)
+    if recomputing():  # a checkpointed forward again: the statistics are counted already
+        running_mean = running_var = num_batches_tracked = nonfinite_count = None
     act = activations.parse(activation)
     check_residual(input, residual)
     x = prepare(input)
