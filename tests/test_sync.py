@@ -264,6 +264,27 @@ def check_checkpointed(rank: int, world: int) -> None:
     assert_close(sync.running_var, plain.running_var, 1e-12, 1e-12, "running_var")
 
 
+def check_population(rank: int, world: int) -> None:
+    """``precise_statistics`` and ``accumulate`` pool SyncBatchNorm's statistics across the
+    ranks: every rank ends with the statistics of all ranks' data (uneven shares)."""
+    sizes = (3, 6, 4)[:world]
+    g = torch.Generator().manual_seed(_seed("population"))
+    data = [torch.randn(sum(sizes), 4, 3, 2, dtype=torch.float64, generator=g) for _ in range(3)]
+    precise = SyncBatchNorm(4, dtype=torch.float64)
+    batchnorm.precise_statistics(precise, [_local(x, sizes, rank) for x in data])
+    everything = torch.cat(data).transpose(0, 1).reshape(4, -1)
+    assert_close(precise.running_mean, everything.mean(1), 1e-12, 1e-12, "precise: running_mean")
+    assert_close(precise.running_var, everything.var(1), 1e-12, 1e-12, "precise: running_var")
+    accumulated, big = SyncBatchNorm(4, dtype=torch.float64), nn.BatchNorm2d(4, dtype=torch.float64)
+    with batchnorm.accumulate(accumulated, steps=3):
+        for x in data:
+            accumulated(_local(x, sizes, rank)).sum().backward()
+    big(torch.cat(data))
+    assert_close(accumulated.running_mean, big.running_mean, 1e-12, 1e-12, "accumulate: running_mean")
+    assert_close(accumulated.running_var, big.running_var, 1e-12, 1e-12, "accumulate: running_var")
+    assert int(accumulated.num_batches_tracked) == 1
+
+
 def check_group_of_one(rank: int, world: int) -> None:
     """A group holding only this rank: the plain layer (no collective), as BatchNorm2d."""
     groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
@@ -485,6 +506,7 @@ SCENARIOS: dict[str, list[tuple[str, Callable[[int, int], None]]]] = {
         ("ddp_cnn_uneven", lambda r, w: check_ddp_cnn((3, 7), r, w)),
         ("group_of_one", check_group_of_one),
         ("checkpointed", check_checkpointed),
+        ("population", check_population),
         ("channel_mismatch", check_channel_mismatch),
         ("single_value", check_single_value),
         ("empty_global_batch", check_empty_global_batch),
