@@ -52,9 +52,30 @@ def swap_layer(old: nn.Module, new_cls: type[nn.Module], activation: activations
     if "num_nonfinite_batches" in new._buffers and new.num_nonfinite_batches is not None:
         device = old.running_mean.device if old.running_mean is not None else torch.device("cpu")
         new.num_nonfinite_batches = torch.zeros((), dtype=torch.long, device=device)
+    _take_hooks(old, new)
+    if fused:
+        new.activation = activation
+        new.freeze_statistics = getattr(old, "freeze_statistics", False)
+    return new
+
+
+def _take_hooks(old: nn.Module, new: nn.Module) -> None:
     for hooks in _HOOK_DICTS:
         if hasattr(old, hooks):
             setattr(new, hooks, getattr(old, hooks))
-    if fused:
-        new.activation = activation
+
+
+def from_frozen(old: nn.Module) -> nn.Module:
+    """Our ``BatchNorm2d`` with statistics and affine frozen, holding a ``FrozenBatchNorm2d``'s
+    tensors (torchvision's, detectron2's: ``weight``, ``bias``, ``running_mean``,
+    ``running_var`` buffers and ``eps``); its weight and bias become parameters that do not
+    learn, on the same storage. Same outputs, in training mode too."""
+    new = modules.BatchNorm2d(old.running_mean.numel(), old.eps, device="meta", freeze_statistics=True)
+    new.weight = nn.Parameter(old.weight, requires_grad=False)
+    new.bias = nn.Parameter(old.bias, requires_grad=False)
+    new.running_mean, new.running_var = old.running_mean, old.running_var
+    for name in ("num_batches_tracked", "num_nonfinite_batches"):
+        setattr(new, name, torch.zeros((), dtype=torch.long, device=old.running_mean.device))
+    new.train(old.training)
+    _take_hooks(old, new)
     return new

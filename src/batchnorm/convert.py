@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import activations, modules, sync
-from ._swap import swap_layer
+from ._swap import from_frozen, swap_layer
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -38,6 +38,8 @@ _OURS_TO_TORCH[sync.SyncBatchNorm] = None  # chosen per layer by sync.plain_clas
 _TARGETS = {"batchnorm": _TORCH_TO_OURS, "torch": _OURS_TO_TORCH}
 # subclasses that apply ``self.drop`` then ``self.act`` after the normalization (timm)
 _NORM_DROP_ACT = {"timm.layers.norm_act.BatchNormAct2d", "timm.layers.norm_act.SyncBatchNormAct"}
+# frozen batch norms (buffers weight, bias, running_mean, running_var; eps): ours with both frozen
+_FROZEN_2D = {"torchvision.ops.misc.FrozenBatchNorm2d", "detectron2.layers.batch_norm.FrozenBatchNorm2d"}
 # the hook registries of nn.Module that the new layer takes over (the handles stay valid)
 
 
@@ -71,7 +73,9 @@ def convert(
         to: ``"batchnorm"`` swaps ``torch.nn.BatchNorm1d/2d/3d`` and
             ``torch.nn.SyncBatchNorm`` (and the subclasses it can keep exactly:
             timm's ``BatchNormAct2d``, subclasses that keep torch's ``forward``)
-            for ours (the process group is kept); ``"torch"`` swaps ours back,
+            for ours (the process group is kept), and torchvision's and detectron2's
+            ``FrozenBatchNorm2d`` for ours with ``freeze_statistics`` and
+            ``freeze_affine`` (the same outputs); ``"torch"`` swaps ours back,
             and reverts our ``SyncBatchNorm`` to ``torch.nn.BatchNorm1d/2d/3d``
             (the dimension of the layer it was converted from, else of the last
             input it saw).
@@ -96,6 +100,10 @@ def convert(
 
 
 def _convert(module: nn.Module, to: str, name: str, done: ConversionReport) -> nn.Module:
+    if to == "batchnorm" and _qualname(type(module)) in _FROZEN_2D:
+        new = from_frozen(module)
+        done.converted.append((name, _qualname(type(module)), _qualname(type(new))))
+        return new
     target, why_not = _target_of(module, to)
     if target is not None:
         new = swap_layer(module, target, _fused_activation(module))

@@ -13,13 +13,15 @@ given one untouched (as ``fuse`` does).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import fx, nn
 
-from . import _fx, _torch_ops, activations, functional
+from . import _fx, _torch_ops, activations, functional, modules
 from ._fx import call_counts, trace_or_warn
 from .activations import Activation
+from .convert import convert
 
 __all__ = ["FrozenBatchNorm", "fold", "freeze"]
 
@@ -63,7 +65,7 @@ class FrozenBatchNorm(nn.Module):
 def _affine_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(layer, FrozenBatchNorm):
         return layer.scale, layer.shift
-    if layer.training:
+    if layer.training and not getattr(layer, "freeze_statistics", False):
         raise ValueError(
             f"cannot freeze {type(layer).__name__} in training mode: it normalizes with each batch's statistics; "
             "call model.eval() first"
@@ -74,17 +76,44 @@ def _affine_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return functional.inference_affine(layer.running_mean, layer.running_var, layer.weight, layer.bias, layer.eps)
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """Replace every batch-norm layer (torch.nn's or ours) by a :class:`FrozenBatchNorm`; return the model.
+def freeze(model: nn.Module, *, training: bool = False, statistics: bool = True, affine: bool = True) -> nn.Module:
+    """Freeze every batch-norm layer of ``model`` (torch.nn's or ours), in place; return the model.
 
-    Like :func:`batchnorm.convert` (and torch's ``convert_sync_batchnorm``), this swaps layers in
-    the model you pass (pass ``copy.deepcopy(model)`` to keep it). The model must be in eval
-    mode; its predictions do not change.
+    For inference (the default): each layer becomes a :class:`FrozenBatchNorm`, its eval map
+    as one multiply-add. The model must be in eval mode; its predictions do not change.
+
+    For fine-tuning (``training=True``): each layer becomes ours (torch's are converted,
+    holding the same tensors, as :func:`batchnorm.convert` does; torchvision's and
+    detectron2's ``FrozenBatchNorm2d`` too) with ``freeze_statistics=statistics`` (normalize
+    with the running statistics in training too, never update them: mmdetection's
+    ``norm_eval``) and ``freeze_affine=affine`` (``weight`` and ``bias`` do not learn). The
+    rest of the model trains as before; ``model.train()`` does not undo it.
+
+    Like ``convert`` (and torch's ``convert_sync_batchnorm``), this swaps layers in the model
+    you pass (pass ``copy.deepcopy(model)`` to keep it).
     """
-    if isinstance(model, _BN_TYPES):
-        return FrozenBatchNorm.from_batch_norm(model)
-    for name, child in model.named_children():
-        setattr(model, name, freeze(child))
+    if not training:
+        if not (statistics and affine):
+            raise ValueError("freeze for inference freezes statistics and affine both; for fine-tuning with "
+                             "either left to learn, pass training=True")  # fmt: skip
+        if isinstance(model, _BN_TYPES):
+            return FrozenBatchNorm.from_batch_norm(model)
+        for name, child in model.named_children():
+            setattr(model, name, freeze(child))
+        return model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what convert leaves is frozen below if it is ours, else said here
+        model, done = convert(model, report=True)
+    left = [f"{name or '<model>'} ({cls})" for name, cls, _ in done.skipped]
+    if left:
+        warnings.warn(f"batchnorm.freeze left {len(left)} layer(s) it cannot convert: {', '.join(left)}", stacklevel=2)
+    for layer in model.modules():
+        if isinstance(layer, modules._BatchNorm):
+            if statistics and layer.running_mean is None:
+                raise ValueError(f"cannot freeze the statistics of {type(layer).__name__}: it keeps no running "
+                                 "statistics")  # fmt: skip
+            layer.freeze_statistics = statistics
+            layer.freeze_affine = affine
     return model
 
 

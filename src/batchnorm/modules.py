@@ -61,6 +61,11 @@ class _BatchNorm:
             is then gone, so the backward works from the output alone, as with
             ``memory_efficient=True`` (an invertible activation, non-zero
             weights, no residual; the layer says so otherwise).
+        freeze_statistics: for fine-tuning (mmdetection's ``norm_eval``): in
+            training mode too, normalize with the running statistics, as in
+            eval, and never update them; ``model.train()`` does not undo it.
+        freeze_affine: ``weight`` and ``bias`` do not learn (``requires_grad``
+            off; setting the attribute later turns it back on or off).
     """
 
     def __init__(
@@ -78,7 +83,12 @@ class _BatchNorm:
         activation: str | tuple[str, float] | nn.Module | Activation | None = None,
         memory_efficient: bool = False,
         inplace: bool = False,
+        freeze_statistics: bool = False,
+        freeze_affine: bool = False,
     ) -> None:
+        if freeze_statistics and not track_running_stats:
+            raise ValueError("freeze_statistics=True normalizes with the running statistics: it needs "
+                             "track_running_stats=True")  # fmt: skip
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.skip_nonfinite = skip_nonfinite
         self.activation = activations.parse(activation)
@@ -91,6 +101,22 @@ class _BatchNorm:
         self.inplace = inplace
         counter = torch.zeros((), dtype=torch.long, device=device) if track_running_stats else None
         self.register_buffer("num_nonfinite_batches", counter, persistent=False)
+        self.freeze_statistics = freeze_statistics
+        if freeze_affine:
+            self.freeze_affine = True
+
+    @property
+    def freeze_affine(self) -> bool:
+        """Whether ``weight`` and ``bias`` are kept from learning (``requires_grad`` off); setting it
+        sets their ``requires_grad``."""
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        return bool(params) and not any(p.requires_grad for p in params)
+
+    @freeze_affine.setter
+    def freeze_affine(self, value: bool) -> None:
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(not value)
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -105,6 +131,10 @@ class _BatchNorm:
             text += ", memory_efficient=True"
         if self.inplace:
             text += ", inplace=True"
+        if self.freeze_statistics:
+            text += ", freeze_statistics=True"
+        if self.freeze_affine:
+            text += ", freeze_affine=True"
         return text if self.skip_nonfinite else text + ", skip_nonfinite=False"
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -130,10 +160,12 @@ class _BatchNorm:
         """``(running_mean, running_var, num_batches_tracked, nonfinite_count, use_batch_stats)`` for
         the functional call, as torch's layer decides them: the running buffers are passed where
         they are updated (training) or used (eval), counted only where updated; batch statistics
-        in training, or in eval when there are no running buffers."""
-        update = self.training and self.track_running_stats
-        pass_buffers = not self.training or self.track_running_stats
-        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        in training, or in eval when there are no running buffers. ``freeze_statistics``: training
+        as eval."""
+        learning = self.training and not self.freeze_statistics
+        update = learning and self.track_running_stats
+        pass_buffers = not learning or self.track_running_stats
+        batch_stats = learning or (self.running_mean is None and self.running_var is None)
         return (
             self.running_mean if pass_buffers else None,
             self.running_var if pass_buffers else None,

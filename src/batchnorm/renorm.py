@@ -115,7 +115,7 @@ class _BatchRenorm:
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         if isinstance(input, fx.Proxy):  # symbolic tracing: one call of this layer
             return _fx.record_call(self, input, residual)
-        if not self.training:
+        if not self.training or self.freeze_statistics:  # the batch norm's eval
             return super().forward(input, residual)
         self._check_input_dim(input)
         weight, bias = self._renormalized(input)

@@ -247,10 +247,13 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         bias: bool = True,
         skip_nonfinite: bool = True,
         activation=None,
+        freeze_statistics: bool = False,
+        freeze_affine: bool = False,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
             bias=bias, skip_nonfinite=skip_nonfinite, activation=activation,
+            freeze_statistics=freeze_statistics, freeze_affine=freeze_affine,
         )  # fmt: skip
         self.process_group = process_group
         self.dim_hint: int | None = None  # 1, 2 or 3: the BatchNormXd this layer reverts to
@@ -274,7 +277,7 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         if input.shape[1] == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         self.dim_hint = _DIM_OF_RANK.get(input.dim(), self.dim_hint)
-        world = sync_world_size(self.process_group) if self.training else 1
+        world = sync_world_size(self.process_group) if self.training and not self.freeze_statistics else 1
         if world == 1:
             return super().forward(input, residual)
         if _route.tool_needs_torch_ops():
