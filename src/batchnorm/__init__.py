@@ -5,12 +5,14 @@ fused activation and residual add, ``SyncBatchNorm``, the functional
 ``batch_norm``, backend choice (``backend``), ``convert`` to swap the layers of
 an existing model, ``fuse`` to fuse what follows them, ``freeze``/``fold``
 to collapse them for inference, ``precise_statistics``/``accumulate`` for
-population statistics computed exactly, and Batch Renormalization
+population statistics computed exactly, ``adapt`` for test-time adaptation
+(AdaBN, TENT), and Batch Renormalization
 (``BatchRenorm1d/2d/3d``). See
 ``batchnorm.reference`` for the equations.
 """
 
 from . import functional, quantization, reference
+from .adaptation import adapt
 from .convert import convert
 from .fold import FrozenBatchNorm, fold, freeze
 from .fuse import fuse
@@ -22,7 +24,7 @@ from .sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
-    "FrozenBatchNorm", "SyncBatchNorm", "accumulate", "backend",
+    "FrozenBatchNorm", "SyncBatchNorm", "accumulate", "adapt", "backend",
     "convert", "fold", "freeze", "functional", "fuse", "precise_statistics", "quantization", "reference",
 ]  # fmt: skip
 __version__ = "0.1.0"
