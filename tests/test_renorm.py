@@ -178,3 +178,12 @@ def test_fullgraph_compile_on_the_schedule():
         torch.testing.assert_close(compiled(x), layer(x))
     for key, value in layer.state_dict().items():
         torch.testing.assert_close(twin.state_dict()[key], value, msg=key)
+
+
+def test_torchscript_says_to_freeze_or_fold_and_frozen_it_scripts():
+    layer = BatchRenorm2d(3).eval()
+    with pytest.raises(RuntimeError, match="freeze or fold it first"):
+        torch.jit.script(layer)
+    x = torch.randn(2, 3, 4, 4)
+    scripted = torch.jit.script(batchnorm.freeze(nn.Sequential(layer)))
+    torch.testing.assert_close(scripted(x), layer(x))

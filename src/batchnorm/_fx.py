@@ -51,7 +51,7 @@ def trace_or_warn(model: nn.Module, caller: str, instead: str) -> fx.GraphModule
         return None
 
 
-def record_call(module: nn.Module, input: fx.Proxy, residual: fx.Proxy | None = None) -> fx.Proxy:
+def record_call(module: nn.Module, input: fx.Proxy, residual: fx.Proxy | None = None, mask=None) -> fx.Proxy:
     """Under any symbolic tracer, record ``module`` as one ``call_module`` node, as tracers do
     for torch's own layers: its forward (checks, backend dispatch) is not traced into, and the
     traced model keeps the layer whole (its buffers and ``state_dict`` keys included)."""
@@ -63,7 +63,7 @@ def record_call(module: nn.Module, input: fx.Proxy, residual: fx.Proxy | None = 
             "like torch's) cannot be traced into; trace the model that contains it"
         )
     args = (input,) if residual is None else (input, residual)
-    return tracer.create_proxy("call_module", path, args, {})
+    return tracer.create_proxy("call_module", path, args, {} if mask is None else {"mask": mask})
 
 
 def call_counts(traced: fx.GraphModule) -> dict[str, int]:

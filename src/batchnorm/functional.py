@@ -9,7 +9,8 @@ The paths (``_route`` decides between torch's ops and ours):
 * **eval in place under autograd**: torch's in-place multiply-add;
 * **eval**: one multiply-add per element through our kernels (``_ops.affine``);
 * **training**: our fused kernels (``_ops.forward_train``), then the running
-  update (``running``), which a checkpointed forward's recomputation skips.
+  update (``running``), which a checkpointed forward's recomputation skips;
+* **masked** (``mask=``): statistics over the valid positions, in torch's ops (``_masked``).
 
 A residual that does not match the input's shape and dtype (a broadcast, a
 type promotion) is added after the normalization as a torch op.
@@ -21,7 +22,7 @@ import warnings
 
 import torch
 
-from . import _memory_efficient, _ops, _route, _torch_ops, activations
+from . import _masked, _memory_efficient, _ops, _route, _torch_ops, activations
 from ._checks import check_input, check_residual
 from ._layout import per_channel
 from ._ops import composite_forward  # noqa: F401  (kept importable from here)
@@ -77,6 +78,7 @@ def batch_norm(
     residual: Tensor | None = None,
     memory_efficient: bool = False,
     inplace: bool = False,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Batch normalization with :func:`torch.nn.functional.batch_norm`'s signature.
 
@@ -100,9 +102,12 @@ def batch_norm(
     keeps only the output and recomputes the rest from it. ``inplace=True``
     writes the output over ``input`` and returns it (in training with autograd,
     through the memory-saving backward).
+
+    ``mask`` (boolean, the input's shape without dim 1, ``True`` where a value is real):
+    statistics over the valid positions only, 0 at the others (``batchnorm._masked``).
     """
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
-            skip_nonfinite, nonfinite_count, activation, residual, memory_efficient, inplace)  # fmt: skip
+            skip_nonfinite, nonfinite_count, activation, residual, memory_efficient, inplace, mask)  # fmt: skip
     if torch.jit.is_tracing():
         with warnings.catch_warnings():
             # our checks read sizes, which a trace records as constants (as it does torch's layer's)
@@ -113,12 +118,17 @@ def batch_norm(
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
                 skip_nonfinite, nonfinite_count, activation, residual, memory_efficient,
-                inplace) -> Tensor:  # fmt: skip
+                inplace, mask=None) -> Tensor:  # fmt: skip
     check_input(input, running_mean, running_var, weight, bias, training, eps)
     if training and recomputing():  # a checkpointed forward again: the statistics are counted already
         running_mean = running_var = num_batches_tracked = nonfinite_count = None
     act = activations.parse(activation)
     check_residual(input, residual)
+    if mask is not None:
+        if memory_efficient or inplace:
+            raise ValueError("mask= does not combine with memory_efficient=True or inplace=True")
+        return _masked.batch_norm(input, mask, running_mean, running_var, weight, bias, training, momentum, eps,
+                                  num_batches_tracked, skip_nonfinite, nonfinite_count, act, residual)  # fmt: skip
     if residual is not None and (residual.shape != input.shape or residual.dtype != input.dtype):
         y = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
                         skip_nonfinite, nonfinite_count, None, None, memory_efficient, False)  # fmt: skip

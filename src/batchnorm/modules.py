@@ -68,6 +68,8 @@ class _BatchNorm:
             off; setting the attribute later turns it back on or off).
     """
 
+    __jit_unused_properties__ = ("freeze_affine",)  # (TorchScript compiles forward, not this)
+
     def __init__(
         self,
         num_features: int,
@@ -137,8 +139,12 @@ class _BatchNorm:
             text += ", freeze_affine=True"
         return text if self.skip_nonfinite else text + ", skip_nonfinite=False"
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """``act(BN(input) + residual)``; ``mask`` (boolean, ``input``'s shape without dim 1): batch
+        norm over the positions where it is ``True``, 0 at the others (padded sequences)."""
         if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's ops, our semantics
+            if mask is not None:
+                raise RuntimeError("mask= is not supported under TorchScript")
             self._check_input_dim(input)
             running_mean, running_var, counter, nonfinite, batch_stats = self._call_buffers()
             return _torch_ops.batch_norm(
@@ -146,14 +152,14 @@ class _BatchNorm:
                 counter, self.skip_nonfinite, nonfinite, self.activation[0], self.activation[1], residual,
             )  # fmt: skip
         if isinstance(input, fx.Proxy):  # symbolic tracing: one call of this layer, as for torch's
-            return _fx.record_call(self, input, residual)
+            return _fx.record_call(self, input, residual, mask)
         self._check_input_dim(input)
         running_mean, running_var, counter, nonfinite, batch_stats = self._call_buffers()
         return functional.batch_norm(
             input, running_mean, running_var, self.weight, self.bias, batch_stats, self.momentum, self.eps,
             num_batches_tracked=counter, skip_nonfinite=self.skip_nonfinite, nonfinite_count=nonfinite,
             activation=self.activation, residual=residual, memory_efficient=self.memory_efficient,
-            inplace=self.inplace,
+            inplace=self.inplace, mask=mask,
         )  # fmt: skip
 
     def _call_buffers(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool]:

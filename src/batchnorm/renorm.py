@@ -49,6 +49,8 @@ class _BatchRenorm:
             grows linearly to ``rmax`` (``dmax``); 0: at once.
     """
 
+    __jit_unused_properties__ = ("freeze_affine", "scheduled")
+
     def __init__(
         self,
         num_features: int,
@@ -78,6 +80,12 @@ class _BatchRenorm:
         self.rmax, self.dmax = float(rmax), float(dmax)
         self.warmup_steps, self.rmax_ramp_steps, self.dmax_ramp_steps = warmup_steps, rmax_ramp_steps, dmax_ramp_steps
         self.register_buffer("renorm_step", torch.zeros((), dtype=torch.long, device=device))
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script; in eval it is a batch norm, so for "
+            "inference freeze or fold it first: batchnorm.freeze(model.eval()) or batchnorm.fold(model.eval())"
+        )
 
     @property
     def scheduled(self) -> bool:

@@ -1,0 +1,107 @@
+"""Masked batch norm against torch's batch norm on the valid positions alone: outputs,
+every gradient and the running statistics; padded positions give 0 and take no gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+import batchnorm
+from tests.helpers import assert_close
+
+
+def _valid_subset(x, mask):
+    """The valid positions of (N, C, *) as a (count, C) batch, and how to scatter back."""
+    moved = x.movedim(1, -1)  # (N, *, C)
+    return moved[mask]  # (count, C)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 7), (3, 3, 4, 5), (9, 3)], ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("path", ["kernels", "torch-ops"])
+def test_masked_training_is_batch_norm_over_the_valid_positions(shape, momentum, path, monkeypatch):
+    """Both forms: our kernels around the mask (eager), torch's ops (what tracers and export see)."""
+    if path == "torch-ops":
+        monkeypatch.setattr(batchnorm._masked._route, "tool_needs_torch_ops", lambda: True)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64, generator=gen) * 2 + 1).requires_grad_()
+    mask = torch.rand((shape[0], *shape[2:]), generator=gen) < 0.6
+    mask.view(-1)[:2] = True
+    cls = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d}[len(shape)]
+    ours = cls(3, momentum=momentum, dtype=torch.float64)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5, generator=gen)
+        ours.bias.uniform_(-1, 1, generator=gen)
+    theirs = nn.BatchNorm1d(3, momentum=momentum, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    y = ours(x, mask=mask)
+    subset = _valid_subset(x.detach(), mask).requires_grad_()
+    y_ref = theirs(subset)
+    assert_close(_valid_subset(y, mask), y_ref, 1e-12, 1e-12, "y at valid positions")
+    assert (y.movedim(1, -1)[~mask] == 0).all()
+    dy = torch.randn(shape, dtype=torch.float64, generator=gen)
+    dx, dw, db = torch.autograd.grad(y, (x, ours.weight, ours.bias), dy)
+    dsub, dw_ref, db_ref = torch.autograd.grad(y_ref, (subset, theirs.weight, theirs.bias), _valid_subset(dy, mask))
+    assert_close(_valid_subset(dx, mask), dsub, 1e-12, 1e-12, "dx at valid positions")
+    assert (dx.movedim(1, -1)[~mask] == 0).all()
+    assert_close(dw, dw_ref, 1e-12, 1e-12, "dweight")
+    assert_close(db, db_ref, 1e-12, 1e-12, "dbias")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert_close(getattr(ours, name), getattr(theirs, name), 1e-13, 1e-13, name)
+
+
+def test_masked_eval_fused_relu_residual_and_nan_padding():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 6, generator=gen)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[0, 4:], mask[2, 1:] = False, False
+    x[~mask.unsqueeze(1).expand_as(x)] = float("nan")  # padding holding garbage
+    residual = torch.randn(3, 4, 6, generator=gen)
+    layer = batchnorm.BatchNorm1d(4, activation="relu")
+    y = layer(x, residual, mask=mask)
+    clean = torch.where(mask.unsqueeze(1), x, 0.0)
+    subset = _valid_subset(clean, mask)
+    plain = nn.BatchNorm1d(4)
+    expected = torch.relu(plain(subset) + _valid_subset(residual, mask))
+    assert_close(_valid_subset(y, mask), expected, 1e-5, 1e-5, "training")
+    assert torch.isfinite(y).all() and torch.isfinite(layer.running_mean).all()
+    layer.eval(), plain.eval()
+    y = layer(x, residual, mask=mask)
+    expected = torch.relu(plain(subset) + _valid_subset(residual, mask))
+    assert_close(_valid_subset(y, mask), expected, 1e-5, 1e-5, "eval")
+    assert (y.movedim(1, -1)[~mask] == 0).all()
+
+
+def test_mask_errors_name_what_was_expected():
+    layer = batchnorm.BatchNorm1d(3)
+    x = torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match=r"without the channel dimension, \(2, 5\), got \(2, 3, 5\)"):
+        layer(x, mask=torch.ones(2, 3, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"must be a torch\.bool tensor"):
+        layer(x, mask=torch.ones(2, 5))
+    lonely = torch.zeros(2, 5, dtype=torch.bool)
+    lonely[0, 0] = True
+    with pytest.raises(ValueError, match="more than 1 valid value per channel"):
+        layer(x, mask=lonely)
+    assert int(layer.num_batches_tracked) == 0
+    with pytest.raises(ValueError, match="does not combine with memory_efficient"):
+        batchnorm.BatchNorm1d(3, memory_efficient=True)(x, mask=torch.ones(2, 5, dtype=torch.bool))
+
+
+def test_symbolic_trace_keeps_the_mask():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = batchnorm.BatchNorm1d(3)
+
+        def forward(self, x, mask):
+            return self.bn(x, mask=mask)
+
+    net = Net()
+    traced = fx.symbolic_trace(net)
+    (call,) = [n for n in traced.graph.nodes if n.op == "call_module"]
+    assert "mask" in call.kwargs
+    x, mask = torch.randn(2, 3, 5), torch.rand(2, 5) < 0.7
+    mask[0, :2] = True
+    torch.testing.assert_close(traced(x, mask), net(x, mask), rtol=1e-6, atol=1e-6)
