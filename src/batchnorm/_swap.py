@@ -29,6 +29,8 @@ def swap_layer(old: nn.Module, new_cls: type[nn.Module], activation: activations
     if activation is None:
         activation = getattr(old, "activation", activations.IDENTITY)
     fused = issubclass(new_cls, modules._BatchNorm)
+    if not fused and getattr(old, "virtual_batch_size", None) is not None:
+        raise ValueError(f"{type(old).__name__} with virtual_batch_size has no torch.nn equivalent")
     if not fused and activation != activations.IDENTITY:
         raise ValueError(
             f"{type(old).__name__} with the fused activation {activation} has no torch.nn equivalent; "
@@ -56,6 +58,7 @@ def swap_layer(old: nn.Module, new_cls: type[nn.Module], activation: activations
     if fused:
         new.activation = activation
         new.freeze_statistics = getattr(old, "freeze_statistics", False)
+        new.virtual_batch_size = getattr(old, "virtual_batch_size", None)
     return new
 
 

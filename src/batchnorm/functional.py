@@ -10,7 +10,8 @@ The paths (``_route`` decides between torch's ops and ours):
 * **eval**: one multiply-add per element through our kernels (``_ops.affine``);
 * **training**: our fused kernels (``_ops.forward_train``), then the running
   update (``running``), which a checkpointed forward's recomputation skips;
-* **masked** (``mask=``): statistics over the valid positions, in torch's ops (``_masked``).
+* **masked** (``mask=``): statistics over the valid positions (``_masked``);
+* **ghost batches** (``virtual_batch_size``): statistics per ghost batch (``_ghost``).
 
 A residual that does not match the input's shape and dtype (a broadcast, a
 type promotion) is added after the normalization as a torch op.
@@ -22,7 +23,7 @@ import warnings
 
 import torch
 
-from . import _masked, _memory_efficient, _ops, _route, _torch_ops, activations
+from . import _ghost, _masked, _memory_efficient, _ops, _route, _torch_ops, activations
 from ._checks import check_input, check_residual
 from ._layout import per_channel
 from ._ops import composite_forward  # noqa: F401  (kept importable from here)
@@ -79,6 +80,7 @@ def batch_norm(
     memory_efficient: bool = False,
     inplace: bool = False,
     mask: Tensor | None = None,
+    virtual_batch_size: int | None = None,
 ) -> Tensor:
     """Batch normalization with :func:`torch.nn.functional.batch_norm`'s signature.
 
@@ -105,9 +107,12 @@ def batch_norm(
 
     ``mask`` (boolean, the input's shape without dim 1, ``True`` where a value is real):
     statistics over the valid positions only, 0 at the others (``batchnorm._masked``).
+    ``virtual_batch_size``: in training, statistics per ghost batch of that many samples
+    (``batchnorm._ghost``).
     """
     args = (input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
-            skip_nonfinite, nonfinite_count, activation, residual, memory_efficient, inplace, mask)  # fmt: skip
+            skip_nonfinite, nonfinite_count, activation, residual, memory_efficient, inplace, mask,
+            virtual_batch_size)  # fmt: skip
     if torch.jit.is_tracing():
         with warnings.catch_warnings():
             # our checks read sizes, which a trace records as constants (as it does torch's layer's)
@@ -118,12 +123,19 @@ def batch_norm(
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
                 skip_nonfinite, nonfinite_count, activation, residual, memory_efficient,
-                inplace, mask=None) -> Tensor:  # fmt: skip
+                inplace, mask=None, virtual_batch_size=None) -> Tensor:  # fmt: skip
     check_input(input, running_mean, running_var, weight, bias, training, eps)
     if training and recomputing():  # a checkpointed forward again: the statistics are counted already
         running_mean = running_var = num_batches_tracked = nonfinite_count = None
     act = activations.parse(activation)
     check_residual(input, residual)
+    _ghost.check_size(virtual_batch_size)
+    ghosts = virtual_batch_size is not None and training and input.shape[0] > virtual_batch_size
+    if ghosts:
+        if mask is not None or memory_efficient or inplace:
+            raise ValueError("virtual_batch_size does not combine with mask=, memory_efficient=True or inplace=True")
+        return _ghost.batch_norm(input, virtual_batch_size, running_mean, running_var, weight, bias, momentum, eps,
+                                 num_batches_tracked, skip_nonfinite, nonfinite_count, act, residual)  # fmt: skip
     if mask is not None:
         if memory_efficient or inplace:
             raise ValueError("mask= does not combine with memory_efficient=True or inplace=True")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from . import _fx, _torch_ops, activations, functional
+from . import _fx, _ghost, _torch_ops, activations, functional
 from .activations import Activation
 
 Tensor = torch.Tensor
@@ -66,6 +66,11 @@ class _BatchNorm:
             eval, and never update them; ``model.train()`` does not undo it.
         freeze_affine: ``weight`` and ``bias`` do not learn (``requires_grad``
             off; setting the attribute later turns it back on or off).
+        virtual_batch_size: ghost batch norm: in training, statistics per ghost
+            batch of this many samples (the last may be smaller), ``weight``
+            and ``bias`` shared; the running statistics move toward the average
+            of the ghosts' statistics. ``None``: the whole batch (see
+            ``batchnorm._ghost``).
     """
 
     __jit_unused_properties__ = ("freeze_affine",)  # (TorchScript compiles forward, not this)
@@ -87,7 +92,9 @@ class _BatchNorm:
         inplace: bool = False,
         freeze_statistics: bool = False,
         freeze_affine: bool = False,
+        virtual_batch_size: int | None = None,
     ) -> None:
+        _ghost.check_size(virtual_batch_size)
         if freeze_statistics and not track_running_stats:
             raise ValueError("freeze_statistics=True normalizes with the running statistics: it needs "
                              "track_running_stats=True")  # fmt: skip
@@ -104,6 +111,7 @@ class _BatchNorm:
         counter = torch.zeros((), dtype=torch.long, device=device) if track_running_stats else None
         self.register_buffer("num_nonfinite_batches", counter, persistent=False)
         self.freeze_statistics = freeze_statistics
+        self.virtual_batch_size = virtual_batch_size
         if freeze_affine:
             self.freeze_affine = True
 
@@ -137,14 +145,16 @@ class _BatchNorm:
             text += ", freeze_statistics=True"
         if self.freeze_affine:
             text += ", freeze_affine=True"
+        if self.virtual_batch_size is not None:
+            text += f", virtual_batch_size={self.virtual_batch_size}"
         return text if self.skip_nonfinite else text + ", skip_nonfinite=False"
 
     def forward(self, input: Tensor, residual: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """``act(BN(input) + residual)``; ``mask`` (boolean, ``input``'s shape without dim 1): batch
         norm over the positions where it is ``True``, 0 at the others (padded sequences)."""
         if torch.jit.is_scripting():  # TorchScript compiles this branch only: torch's ops, our semantics
-            if mask is not None:
-                raise RuntimeError("mask= is not supported under TorchScript")
+            if mask is not None or self.virtual_batch_size is not None:
+                raise RuntimeError("mask= and virtual_batch_size are not supported under TorchScript")
             self._check_input_dim(input)
             running_mean, running_var, counter, nonfinite, batch_stats = self._call_buffers()
             return _torch_ops.batch_norm(
@@ -159,7 +169,7 @@ class _BatchNorm:
             input, running_mean, running_var, self.weight, self.bias, batch_stats, self.momentum, self.eps,
             num_batches_tracked=counter, skip_nonfinite=self.skip_nonfinite, nonfinite_count=nonfinite,
             activation=self.activation, residual=residual, memory_efficient=self.memory_efficient,
-            inplace=self.inplace, mask=mask,
+            inplace=self.inplace, mask=mask, virtual_batch_size=self.virtual_batch_size,
         )  # fmt: skip
 
     def _call_buffers(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool]:

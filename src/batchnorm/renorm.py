@@ -70,6 +70,8 @@ class _BatchRenorm:
     ) -> None:
         if not track_running_stats:
             raise ValueError("Batch Renorm corrects toward the running statistics: track_running_stats must be True")
+        if options.get("virtual_batch_size") is not None:
+            raise ValueError("Batch Renorm does not take virtual_batch_size (its correction is per batch)")
         if not rmax >= 1.0 or not dmax >= 0.0:
             raise ValueError(f"Batch Renorm needs rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
         for name, steps in (("warmup_steps", warmup_steps), ("rmax_ramp_steps", rmax_ramp_steps),

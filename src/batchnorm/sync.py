@@ -280,6 +280,8 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         world = sync_world_size(self.process_group) if self.training and not self.freeze_statistics else 1
         if world == 1:
             return super().forward(input, residual)
+        if self.virtual_batch_size is not None:
+            raise NotImplementedError("SyncBatchNorm does not take virtual_batch_size across ranks yet")
         if _route.tool_needs_torch_ops():
             raise RuntimeError(
                 "SyncBatchNorm cannot synchronize its statistics under a tracer, torch.export, forward-mode AD "
