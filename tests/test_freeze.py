@@ -136,3 +136,20 @@ def test_torchvision_frozen_batch_norm_converts_to_ours_with_the_same_outputs(ho
     converted(x).sum().backward()
     optimizer.step()
     assert torch.equal(layer.running_var, bn.running_var) and int(layer.num_batches_tracked) == 0
+
+
+def test_frozen_statistics_under_torchscript_and_a_trace_are_torchs_eval():
+    """The tools' paths (TorchScript compiles its own branch; a trace records torch's ops)
+    give what torch's eval-mode layer gives, in training mode."""
+    gen = torch.Generator().manual_seed(3)
+    ours = batchnorm.BatchNorm2d(4, freeze_statistics=True).train()
+    with torch.no_grad():
+        ours.running_mean.uniform_(-1, 1, generator=gen)
+        ours.running_var.uniform_(0.5, 2, generator=gen)
+    theirs = nn.BatchNorm2d(4)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, 5, 5, generator=gen)
+    expected = theirs.eval()(x)
+    torch.testing.assert_close(torch.jit.script(ours)(x), expected)
+    torch.testing.assert_close(torch.jit.trace(ours, x)(x), expected)
+    assert int(ours.num_batches_tracked) == 0

@@ -81,3 +81,14 @@ def test_a_ghost_of_one_value_is_refused_and_a_bad_size_too():
     for bad in (0, -1, 2.5):
         with pytest.raises(ValueError, match="virtual_batch_size must be a positive integer"):
             batchnorm.BatchNorm1d(3, virtual_batch_size=bad)
+
+
+def test_a_trace_of_ghost_batches_is_torchs_layer_on_each_ghost():
+    """A tracer records torch's ops: the traced layer replays the ghost batches as they were."""
+    gen = torch.Generator().manual_seed(3)
+    layer = batchnorm.BatchNorm2d(3, virtual_batch_size=2)
+    x = torch.randn(6, 3, 4, 4, generator=gen)
+    traced = torch.jit.trace(layer, x)
+    y = torch.randn(6, 3, 4, 4, generator=gen)
+    expected = torch.cat([nn.functional.batch_norm(g, None, None, layer.weight, layer.bias, True) for g in y.split(2)])
+    torch.testing.assert_close(traced(y), expected)

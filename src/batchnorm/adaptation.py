@@ -59,9 +59,10 @@ def adapt(
     setting for CIFAR). Then the statistics as above. ``batches`` is iterated again for
     each pass, so give a re-iterable (a list, a data loader).
 
-    The modes and ``requires_grad`` of every module and parameter are restored. Returns
-    ``{"entropy_before": ..., "entropy_after": ...}``: the mean prediction entropy over the
-    first pass and (with ``affine``) the last one, in the batch norms' batch-statistics mode.
+    The modes and ``requires_grad`` of every module and parameter are restored. Returns,
+    with ``affine``, ``{"entropy_before": ..., "entropy_after": ...}``: the mean entropy of
+    the predictions over the batches before and after the steps (batch statistics in the
+    batch norms, as during the steps); without, ``{}``.
     """
     layers = [layer for _, layer in batch_norm_layers(model)]
     if not layers:
