@@ -122,6 +122,7 @@ def main() -> None:
         plain = batchnorm.convert(model.cpu(), to="torch")  # SyncBatchNorm -> torch.nn.BatchNorm2d
         torch.save(plain.state_dict(), args.save)
         print(f"saved the model's state_dict to {args.save}")
+    dist.barrier()  # the ranks tear down together: one leaving while another still saves can abort gloo's threads
     dist.destroy_process_group()
 
 
