@@ -33,6 +33,9 @@ def strip_timing(results: dict) -> dict:
     return results
 
 
+ONLY_MLP = "cnn,sweep,small-batch,shift"  # the parts a test of the run folder does not need
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
@@ -43,7 +46,8 @@ def tiny_run(tmp_path_factory):
 def test_run_folder_is_complete(tiny_run, capsys):
     names = {p.name for p in tiny_run.iterdir()}
     figures = {f"{part}_{kind}.png" for part in ("mlp", "cnn") for kind in ("curves", "percentiles", "drift", "ics")}
-    assert names == figures | {"lr_sweep.png", "results.json", "report.html", "batchnorm-demo-manifest.json"}
+    assert names == figures | {"lr_sweep.png", "small_batch.png", "shift.png", "results.json", "report.html",
+                               "batchnorm-demo-manifest.json"}  # fmt: skip
     assert all((tiny_run / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
     results = json.loads((tiny_run / "results.json").read_text())  # strict JSON: no NaN
     assert results["config"]["mlp_steps"] == 40 and results["config"]["seed"] == 3
@@ -56,7 +60,8 @@ def test_run_folder_is_complete(tiny_run, capsys):
     ics = results["mlp"]["arms"]["plain"]["ics"]["layers"]
     assert list(ics) == ["hidden1", "hidden2", "hidden3", "output"] and ics["hidden1"]["diff_norm"][0] == 0.0
     page = (tiny_run / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 9 and "What this run shows" in page
+    assert page.count("data:image/png;base64,") == 11 and "What this run shows" in page
+    assert "<h2>Small batches</h2>" in page and "<h2>Distribution shift: test-time adaptation</h2>" in page
     assert not list(tiny_run.glob(".*"))  # no staging folder left behind
     assert tiny_run.stat().st_mode & 0o055 == 0o055 & ~_umask()  # an ordinary folder, not a private temp one
 
@@ -80,11 +85,15 @@ def test_rerun_replaces_only_what_the_demo_wrote(tmp_path, capsys):
     (out / "extra").mkdir()
     (out / "extra" / "train.py").write_text("print('mine')")
     # the same folder again, with fewer parts: the demo's own files are replaced or removed, the rest kept
-    assert cli.main(["demo", *TINY, "--skip", "cnn,sweep", "--out", str(out)]) == 0
+    assert cli.main(["demo", *TINY, "--skip", ONLY_MLP, "--out", str(out)]) == 0
     assert (out / "notes.txt").read_text() == "my notes on the first run"
     assert (out / "extra" / "train.py").read_text() == "print('mine')"
     assert not (out / "cnn_curves.png").exists() and not (out / "lr_sweep.png").exists()
-    assert "sweep" not in json.loads((out / "results.json").read_text())
+    assert not (out / "small_batch.png").exists() and not (out / "shift.png").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert not {"sweep", "small_batch", "shift"} & set(results) and not {"small_batch", "shift"} & set(
+        results["summary"])  # fmt: skip
+    assert "Small batches" not in (out / "report.html").read_text()
     names = {p.name for p in out.iterdir()}
     assert names == {"notes.txt", "extra", "batchnorm-demo-manifest.json", "results.json", "report.html",
                      *(f"mlp_{k}.png" for k in ("curves", "percentiles", "drift", "ics"))}  # fmt: skip
@@ -92,11 +101,11 @@ def test_rerun_replaces_only_what_the_demo_wrote(tmp_path, capsys):
 
 def test_a_file_edited_after_the_run_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.main(["demo", *TINY, "--skip", "cnn,sweep", "--out", str(out)]) == 0
+    assert cli.main(["demo", *TINY, "--skip", ONLY_MLP, "--out", str(out)]) == 0
     capsys.readouterr()
     edited = (out / "report.html").read_text() + "<!-- my annotations -->"
     (out / "report.html").write_text(edited)
-    assert cli.main(["demo", *TINY, "--skip", "cnn,sweep", "--out", str(out)]) == 1
+    assert cli.main(["demo", *TINY, "--skip", ONLY_MLP, "--out", str(out)]) == 1
     assert "report.html was changed since an earlier batchnorm demo run" in one_error_line(capsys)
     assert (out / "report.html").read_text() == edited
 
@@ -106,7 +115,7 @@ def test_a_folder_with_foreign_files_is_shared_not_cleared(tmp_path, capsys):
     (out / "src").mkdir(parents=True)
     (out / "src" / "train.py").write_text("print('mine')")
     (out / "data.csv").write_text("a,b\n1,2\n")
-    assert cli.main(["demo", *TINY, "--skip", "cnn,sweep", "--out", str(out)]) == 0
+    assert cli.main(["demo", *TINY, "--skip", ONLY_MLP, "--out", str(out)]) == 0
     assert (out / "src" / "train.py").read_text() == "print('mine')" and (out / "data.csv").read_text() == "a,b\n1,2\n"
     assert (out / "report.html").is_file()
 
@@ -146,7 +155,7 @@ def one_error_line(capsys) -> str:
         (["--lr", "abc"], 2, "argument --lr: invalid float value: 'abc'"),
         (["--seeds", "0"], 2, "--seeds must be a positive integer"),
         (["--steps", "ten"], 2, "argument --steps: invalid int value: 'ten'"),
-        (["--skip", "mlp"], 2, "--skip: cannot skip ['mlp']"),
+        (["--skip", "mlp"], 2, "--skip: cannot skip ['mlp']; only cnn, sweep, small-batch, shift"),
         (["--data", "imagenet"], 2, "--data: unknown dataset 'imagenet'"),
         (["--data", "mnist:/does/not/exist"], 1, "dataset folder not found"),
         (["--threads", "0"], 2, "--threads must be a positive integer"),
@@ -208,7 +217,8 @@ def test_demo_runs_on_local_dataset_files(tmp_path, seed, capsys, kind):
     else:
         write_mnist(tmp_path / "data", rng, n_train=150, n_test=40, size=28)
     out = tmp_path / "run"
-    skip = "sweep" if kind == "cifar10" else "cnn,sweep"  # the MLP alone on the IDX data; the CNN on 3 channels
+    # the MLP alone on the IDX data; on 3-channel images the CNN, small batches and the shifts too
+    skip = "sweep" if kind == "cifar10" else ONLY_MLP
     assert cli.main(["demo", *TINY, "--steps", "10", "--cnn-steps", "5", "--skip", skip,
                      "--data", f"{kind}:{tmp_path / 'data'}", "--out", str(out)]) == 0  # fmt: skip
     results = json.loads((out / "results.json").read_text())
@@ -216,6 +226,9 @@ def test_demo_runs_on_local_dataset_files(tmp_path, seed, capsys, kind):
     assert results["dataset"] == {"name": kind, "train": 150, "test": 30 if kind == "cifar10" else 40,
                                   "image_shape": shape, "classes": 10}  # fmt: skip
     assert results["mlp"]["arms"]["bn"]["steps"][-1] == 10 and results["backend"] == "torch"
+    if kind == "cifar10":
+        assert set(results["shift"]["shifts"]) == {"noise", "contrast", "translate"}
+        assert all(len(v) == 1 for v in results["small_batch"]["test_acc"]["ghost"].values())
 
 
 def test_progress_is_a_line_every_few_seconds_when_not_a_terminal(tmp_path, capsys, monkeypatch):
@@ -223,7 +236,7 @@ def test_progress_is_a_line_every_few_seconds_when_not_a_terminal(tmp_path, caps
 
     monkeypatch.setattr(demo, "PROGRESS_EVERY_S", 0.0)  # every update, for the test
     args = [a for a in TINY if a != "--no-progress"]
-    assert cli.main(["demo", *args, "--skip", "cnn,sweep", "--out", str(tmp_path / "run")]) == 0
+    assert cli.main(["demo", *args, "--skip", ONLY_MLP, "--out", str(tmp_path / "run")]) == 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines and all(line.startswith("MLP, both arms: ") for line in lines)
     assert lines[-1].startswith("MLP, both arms: 80/80 steps (100%)")

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run folder; files of an earlier demo run there are replaced, nothing else is "
                         "touched (default: %(default)s)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="a short run (seconds): fewer steps, rates and seeds")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run (seconds): fewer steps, rates, seeds and examples")  # fmt: skip
     parser.add_argument("--steps", type=int, metavar="N", help="MLP training steps per arm")
     parser.add_argument("--lr", type=float, metavar="X", help="MLP learning rate")
     parser.add_argument("--cnn-steps", type=int, metavar="N", help="CNN training steps per arm")
@@ -40,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, metavar="N", help="seeds per learning rate in the sweep")
     parser.add_argument("--sweep-steps", type=int, metavar="N", help="training steps of each sweep run")
     parser.add_argument("--init-std", type=float, metavar="X", help="std of the MLP's Gaussian initial weights")
-    parser.add_argument("--skip", default="", metavar="PARTS", help="leave out parts: cnn, sweep (comma-separated)")
+    parser.add_argument("--skip", default="", metavar="PARTS",
+                        help="leave out parts, comma-separated: cnn, sweep, small-batch (BN, Batch Renorm, ghost "
+                        "batches, precise statistics at batch 2, 4, 8), shift (test-time adaptation to shifted "
+                        "images)")  # fmt: skip
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (default: 1 for digits' tiny networks, else torch's)")  # fmt: skip
     parser.add_argument("--backend", metavar="NAME",
@@ -60,7 +64,7 @@ def _config(args: argparse.Namespace) -> Any:
     """The experiment's Config from the options; a bad value is a usage error naming its option."""
     import math
 
-    from .experiment import Config
+    from .experiment import PARTS, Config
 
     for option in _POSITIVE_INTS:
         value = getattr(args, option)
@@ -86,9 +90,9 @@ def _config(args: argparse.Namespace) -> Any:
             _usage_error(f"--lrs: learning rates must be positive numbers, got {args.lrs!r}")
         overrides["sweep_lrs"] = rates
     overrides["skip"] = tuple(p.strip() for p in args.skip.split(",") if p.strip())
-    unknown = sorted(set(overrides["skip"]) - {"cnn", "sweep"})
+    unknown = sorted(set(overrides["skip"]) - set(PARTS))
     if unknown:
-        _usage_error(f"--skip: cannot skip {unknown}; only 'cnn' and 'sweep'")
+        _usage_error(f"--skip: cannot skip {unknown}; only {', '.join(PARTS)}")
     cfg = Config.quick(**overrides) if args.quick else Config(**overrides)
     cfg.validate()
     return cfg
@@ -156,7 +160,8 @@ def _progress_bars(cfg: Any, disabled: bool):
     line every few seconds (so a log or CI shows the run is alive); ``None`` with --no-progress."""
     if disabled:
         return None
-    titles = {"mlp": "MLP, both arms", "cnn": "CNN, both arms", "sweep": "LR sweep"}
+    titles = {"mlp": "MLP, both arms", "cnn": "CNN, both arms", "sweep": "LR sweep", "small-batch": "small batches",
+              "shift": "shift: CNN"}  # fmt: skip
     work = cfg.work()
     if not sys.stderr.isatty():
         return _progress_lines(titles, work)

@@ -7,7 +7,14 @@ Three parts, each with and without BN from the same initialization:
    drift, gradient ICS per layer at evenly spaced steps, and inference (one
    image at a time with batch vs population statistics, the folded layer);
 2. the small CNN (per-channel BN, ReLU): the same, less the sweep;
-3. a learning-rate sweep of the MLP over several seeds (trained as ensembles).
+3. a learning-rate sweep of the MLP over several seeds (trained as ensembles);
+
+and two about what "the batch" means, with BN only (``batch_semantics``):
+
+4. small batches: the MLP at batch 2, 4, 8 with BN, Batch Renorm, ghost batches
+   and precise statistics;
+5. distribution shift: the CNN on shifted test images, as trained, with adapted
+   statistics (AdaBN) and with adapted γ/β (TENT).
 
 ``run_experiment`` returns plain data (JSON-ready) plus the recorders the
 figures need; it writes nothing.
@@ -27,14 +34,15 @@ from torch.nn import functional as F
 
 from batchnorm.ics import InputRecorder, gradient_ics
 
-from . import measure
+from . import batch_semantics, measure
 from .datasets import Dataset
 from .models import MLPEnsemble, activation_modules, cnn, mlp, weight_layers
 from .training import History, train, train_ensemble
 
-__all__ = ["ARMS", "Config", "run_experiment"]
+__all__ = ["ARMS", "PARTS", "Config", "run_experiment"]
 
 ARMS = ("plain", "bn")  # without / with batch normalization
+PARTS = ("cnn", "sweep", "small-batch", "shift")  # the parts --skip can leave out (the MLP always runs)
 
 
 @dataclass
@@ -58,13 +66,25 @@ class Config:
     target: float = 0.9  # test accuracy whose first step is reported
     probe_size: int = 1000  # test images behind each percentile record
     single_limit: int = 2000  # test images predicted one at a time
-    skip: tuple[str, ...] = field(default_factory=tuple)  # parts to leave out: "cnn", "sweep"
+    small_batch_sizes: tuple[int, ...] = (2, 4, 8)
+    small_batch_examples: int = 8000  # training examples per run at every batch size (about 6 epochs of digits)
+    small_batch_lr: float = 0.1  # the MLP's lr 3 at batch 60, scaled linearly to batch 2; one rate for every size
+    small_batch_seeds: int = 3
+    ghost_batch: int = 32  # the ghost arm's batch, cut into ghosts of the small batch size
+    renorm_rmax: float = 3.0  # Batch Renorm's bounds (the library's defaults), fixed from the first step
+    renorm_dmax: float = 5.0
+    shifts: tuple[str, ...] = batch_semantics.SHIFTS
+    adapt_batch: int = 64  # unlabeled shifted images per adaptation batch
+    tent_steps: int = 10  # passes over the adaptation half with affine=True
+    tent_lr: float = 1e-3  # Adam, TENT's rate
+    skip: tuple[str, ...] = field(default_factory=tuple)  # parts to leave out: see PARTS
     smoke_run: bool = False  # --quick: too short for conclusions
 
     @classmethod
     def quick(cls, **overrides: Any) -> Config:
         base = dict(mlp_steps=150, cnn_steps=80, eval_every=25, ics_points=4, sweep_lrs=(0.1, 1.0, 3.0, 10.0, 100.0),
-                    sweep_seeds=2, sweep_steps=150, sweep_eval_every=25, single_limit=100, smoke_run=True)  # fmt: skip
+                    sweep_seeds=2, sweep_steps=150, sweep_eval_every=25, single_limit=100, small_batch_examples=800,
+                    small_batch_seeds=1, tent_steps=2, smoke_run=True)  # fmt: skip
         base.update(overrides)
         return cls(**base)
 
@@ -78,21 +98,40 @@ class Config:
             "sweep_eval_every",
             "sweep_seeds",
             "ics_points",
+            "small_batch_examples",
+            "small_batch_seeds",
+            "ghost_batch",
+            "adapt_batch",
+            "tent_steps",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not self.sweep_lrs:
             raise ValueError("the learning-rate list is empty")
-        for lr in (self.mlp_lr, self.cnn_lr, *self.sweep_lrs):
+        for lr in (self.mlp_lr, self.cnn_lr, self.small_batch_lr, self.tent_lr, *self.sweep_lrs):
             if not (math.isfinite(lr) and lr > 0):
                 raise ValueError(f"learning rates must be positive numbers, got {lr}")
         if not 0 < self.target <= 1:
             raise ValueError(f"target accuracy must be in (0, 1], got {self.target}")
         if self.init_std <= 0:
             raise ValueError(f"init-std must be positive, got {self.init_std}")
-        unknown = set(self.skip) - {"cnn", "sweep"}
+        unknown = set(self.skip) - set(PARTS)
         if unknown:
-            raise ValueError(f"cannot skip {sorted(unknown)}: only 'cnn' and 'sweep'")
+            raise ValueError(f"cannot skip {sorted(unknown)}: only {', '.join(PARTS)}")
+        self._validate_batch_semantics()
+
+    def _validate_batch_semantics(self) -> None:
+        if not self.small_batch_sizes or any(b < 2 for b in self.small_batch_sizes):
+            raise ValueError(
+                f"small batch sizes must be at least 2 (batch norm of one sample), got {self.small_batch_sizes}"
+            )
+        if self.ghost_batch < max(self.small_batch_sizes):
+            raise ValueError(f"ghost-batch ({self.ghost_batch}) must be at least the largest small batch size")
+        if not (self.renorm_rmax >= 1 and self.renorm_dmax >= 0):
+            raise ValueError(f"Batch Renorm needs rmax >= 1 and dmax >= 0, got {self.renorm_rmax}, {self.renorm_dmax}")
+        unknown = set(self.shifts) - set(batch_semantics.SHIFTS)
+        if unknown or not self.shifts:
+            raise ValueError(f"shifts must be some of {', '.join(batch_semantics.SHIFTS)}, got {self.shifts}")
 
     def work(self) -> dict[str, int]:
         """Training steps per part (for progress bars)."""
@@ -101,6 +140,10 @@ class Config:
             parts["cnn"] = 2 * self.cnn_steps
         if "sweep" not in self.skip:
             parts["sweep"] = 2 * self.sweep_steps
+        if "small-batch" not in self.skip:
+            parts["small-batch"] = batch_semantics.small_batch_work(self)
+        if "shift" not in self.skip:
+            parts["shift"] = batch_semantics.shift_work(self)
         return parts
 
 
@@ -276,6 +319,13 @@ def run_experiment(data: Dataset, cfg: Config, progress: Callable[[str], Callabl
         start = time.perf_counter()
         results["sweep"] = _sweep(data, cfg, progress("sweep") if progress else None)
         timing["sweep"] = time.perf_counter() - start
+    for part, key, run in (("small-batch", "small_batch", batch_semantics.run_small_batches),
+                           ("shift", "shift", batch_semantics.run_shift)):  # fmt: skip
+        if part in cfg.skip:
+            continue
+        start = time.perf_counter()
+        results[key] = run(data, cfg, progress(part) if progress else None)
+        timing[key] = time.perf_counter() - start
     results["timing_seconds"] = timing
     results["summary"] = summarize(results)
     return results, recorders
@@ -334,6 +384,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             }
             reached = [(v, float(lr)) for lr, v in s["median_steps_to_target"].items() if v is not None]
             s["fastest"] = {"median_steps_to_target": min(reached)[0], "lr": min(reached)[1]} if reached else None
+    if "small_batch" in results:
+        summary["small_batch"] = batch_semantics.summarize_small_batches(results["small_batch"])
+    if "shift" in results:
+        summary["shift"] = batch_semantics.summarize_shift(results["shift"])
     return summary
 
 

@@ -10,7 +10,7 @@ affordable on a CPU; member ``k`` computes exactly what ``mlp`` would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import pairwise
 
 import torch
@@ -35,11 +35,13 @@ def mlp(
     hidden: Sequence[int] = (100, 100, 100),
     init_std: float = 0.05,
     seed: int = 0,
+    norm: Callable[[int], nn.Module] = BatchNorm1d,
 ) -> nn.Sequential:
     """``Flatten, [Linear, (BatchNorm1d), Sigmoid] * len(hidden), Linear``.
 
     Weights ~ N(0, init_std^2), biases 0; the same ``seed`` gives both arms the
-    same weights (BN's own gamma=1, beta=0 draw nothing).
+    same weights (BN's own gamma=1, beta=0 draw nothing). With ``bn``, ``norm(width)``
+    builds each normalization layer (another batch norm: Batch Renorm, ghost batches).
     """
     sizes = [in_features, *hidden, classes]
     weights = _init_linear_weights([(o, i) for i, o in pairwise(sizes)], init_std, seed)
@@ -52,7 +54,7 @@ def mlp(
         layers.append(linear)
         if k < len(hidden):
             if bn:
-                layers.append(BatchNorm1d(n_out))
+                layers.append(norm(n_out))
             layers.append(nn.Sigmoid())
     return nn.Sequential(*layers)
 

@@ -19,6 +19,8 @@ import numpy as np
 
 from batchnorm.ics import InputRecorder, plot_percentiles
 
+from . import batch_semantics_report
+
 __all__ = ["findings", "summary_table", "write_figures", "write_html", "write_json"]
 
 LABELS = {"plain": "without BN", "bn": "with BN"}
@@ -68,6 +70,7 @@ def write_figures(results: dict[str, Any], recorders: dict[str, dict[str, InputR
         names.append(_save(plt, _ics(plt, r, part), folder / f"{part}_ics.png"))
     if "sweep" in results:
         names.append(_save(plt, _sweep(plt, results["sweep"], results["config"]["target"]), folder / "lr_sweep.png"))
+    names += batch_semantics_report.write_figures(plt, results, lambda fig, name: _save(plt, fig, folder / name))
     return names
 
 
@@ -332,6 +335,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"Each arm at its own best learning rate (median steps to {target:.0%} over seeds): with BN "
             f"{fastest(fast['bn'])}, without BN {fastest(fast['plain'])}."
         )
+    out += batch_semantics_report.findings(results)
     return out
 
 
@@ -372,7 +376,8 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
 def summary_table(results: dict[str, Any]) -> list[str]:
     """The terminal summary: a small fixed-width table."""
     rows = [("", "without BN", "with BN"), *summary_rows(results)]
-    return [f"{what:24}{plain:>16}{bn:>16}" for what, plain, bn in rows]
+    lines = [f"{what:24}{plain:>16}{bn:>16}" for what, plain, bn in rows]
+    return lines + batch_semantics_report.text_tables(results)
 
 
 # --- HTML -----------------------------------------------------------------------
@@ -395,6 +400,7 @@ _CAPTIONS = {
     "cnn_ics.png": "CNN: gradient ICS, one column per layer, as for the MLP.",
     "lr_sweep.png": "Learning-rate sweep of the MLP over several seeds: final accuracy and steps to the target. A run "
     "whose loss became non-finite (or above 1e4) is marked diverged; one stuck at chance is not.",
+    **batch_semantics_report.CAPTIONS,
 }
 
 
@@ -402,12 +408,17 @@ def write_html(results: dict[str, Any], figures: list[str], folder: Path) -> Non
     esc = html.escape
     cfg = results["config"]
     rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in summary_rows(results))
-    figs = "".join(
-        f"<figure><img alt='{esc(name)}' src='data:image/png;base64,"
-        f"{base64.b64encode((folder / name).read_bytes()).decode()}'><figcaption>{esc(_CAPTIONS.get(name, name))}"
-        f"</figcaption></figure>"
-        for name in figures
-    )
+
+    def figure(name: str) -> str:
+        return (
+            f"<figure><img alt='{esc(name)}' src='data:image/png;base64,"
+            f"{base64.b64encode((folder / name).read_bytes()).decode()}'><figcaption>{esc(_CAPTIONS.get(name, name))}"
+            f"</figcaption></figure>"
+        )
+
+    own = set(batch_semantics_report.CAPTIONS)  # drawn in their own sections
+    figs = "".join(figure(name) for name in figures if name not in own)
+    semantics = batch_semantics_report.html_sections(results, figure, figures)
     facts = "".join(f"<li>{esc(f)}</li>" for f in findings(results))
     d = results["dataset"]
     smoke = (
@@ -458,6 +469,7 @@ most 1/4) and then learns. The MLP's learning rate, {cfg["mlp_lr"]:g}, is where 
 fastest in our sweeps; at smaller rates it stays on the plateau longer, so this choice favours the arm without BN.
 The sweep shows the other rates. One test image is {1 / d["test"]:.2%} of the test set: differences of a few
 images are noise.</p>
+{semantics}
 <h2>Figures</h2>{figs}
 </body></html>
 """
