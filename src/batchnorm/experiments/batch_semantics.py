@@ -14,7 +14,7 @@
 
   With an MLP, each feature is normalized over the batch alone: at batch 2 every
   normalized value is about +-1, which shows the small-batch problem in seconds (the CNN
-  normalizes each channel over all its positions too, and barely suffers).
+  normalizes each channel over all its positions too, so its batch statistics are less noisy).
 
 * **Distribution shift**: the CNN (per-channel BN) trained on clean images, then scored
   on test images with Gaussian noise, lowered contrast, or moved by a pixel, three ways:

@@ -24,7 +24,7 @@ ADAPTATION_COLORS = {"source": "tab:gray", "statistics": "tab:blue", "affine": "
 CAPTIONS = {
     "small_batch.png": "Small batches: test accuracy of the MLP (eval mode) per training batch size and method; "
     "lines: mean over seeds, dots: seeds, x: a diverged run. Every run sees the same number of training examples. "
-    "Ghost batches: a batch of the ghost size given below, normalized in ghosts of the batch size on the axis.",
+    "Ghost batches: a larger batch (see the text), normalized in ghosts of the batch size on the axis.",
     "shift.png": "Distribution shift: test accuracy of the CNN trained on clean images, on shifted test images, as "
     "trained, with its batch-norm statistics recomputed on unlabeled shifted images (AdaBN), and with γ/β also "
     "adapted by entropy minimization (TENT). Dashed: accuracy on the clean test images.",
@@ -225,7 +225,10 @@ def html_sections(results: dict[str, Any], figure: Callable[[str], str], figures
             "<h2>Small batches</h2>"
             f"<p>The paper's MLP with batch norm, trained at batch sizes {', '.join(map(str, r['batch_sizes']))} "
             f"on {r['examples']} training examples per run (a smaller batch takes more steps), plain SGD at lr "
-            f"{r['lr']:g}, seeds {', '.join(map(str, r['seeds']))}. <b>BN</b>: torch's moving averages (momentum "
+            f"{r['lr']:g} at every size, seeds {', '.join(map(str, r['seeds']))}. The MLP, because each of its "
+            "features is normalized over the batch alone: at batch 2 every normalized value is about &plusmn;1 in "
+            "training, far from what the population statistics give in eval (the CNN normalizes each channel over "
+            "its positions too, so its batch statistics are less noisy). <b>BN</b>: torch's moving averages (momentum "
             f"0.1). <b>Batch Renorm</b>: <code>BatchRenorm1d</code>, rmax {r['renorm']['rmax']:g}, dmax "
             f"{r['renorm']['dmax']:g} from the first step. <b>Ghost batches</b>: batches of {r['ghost_batch']} cut "
             "into ghosts of the batch size (each sample normalized with as few others as with BN, the gradient "
