@@ -41,3 +41,18 @@ def backends_fixture():
             yield request.param
 
     return each_backend
+
+
+def spy_on(monkeypatch, cls, *names: str) -> list[str]:
+    """The names of ``cls``'s methods ``names`` in the order they are called from now on (each
+    still runs as before)."""
+    calls: list[str] = []
+    for name in names:
+        original = getattr(cls, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, spy)
+    return calls

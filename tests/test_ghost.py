@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 import batchnorm
-from tests.helpers import assert_close
+from tests.helpers import assert_close, spy_on
 
 CASES = [((10, 3), 4, False), ((7, 3, 5), 3, False), ((6, 3, 4, 4), 2, True), ((9, 3, 2, 3), 4, False)]
+# None: the automatic choice (torch's kernel per ghost at these sizes); forced: the backend's ghost stages
+BACKENDS = [None, "numba", "torch"]
 
 
 def _layer(shape, **kwargs):
@@ -20,8 +22,14 @@ def _layer(shape, **kwargs):
     return cls(shape[1], dtype=torch.float64, **kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("shape", "size", "channels_last"), CASES, ids=str)
-def test_each_ghost_is_normalized_as_a_batch_of_its_own(shape, size, channels_last):
+def test_each_ghost_is_normalized_as_a_batch_of_its_own(shape, size, channels_last, backend):
+    with batchnorm.backend(backend):
+        _check_ghosts_against_torch(shape, size, channels_last)
+
+
+def _check_ghosts_against_torch(shape, size, channels_last):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64, generator=gen) * 2 + 1
     if channels_last:
@@ -62,13 +70,62 @@ def test_a_batch_within_one_ghost_is_plain_batch_norm_and_eval_is_unaffected():
     assert "virtual_batch_size=8" in repr(ghost)
 
 
-def test_fused_activation_with_ghosts():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation", ["relu", "elu", "silu"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_activation_with_ghosts(backend, activation, with_residual):
     gen = torch.Generator().manual_seed(2)
-    fused = batchnorm.BatchNorm1d(3, virtual_batch_size=2, activation="relu", dtype=torch.float64)
+    fused = batchnorm.BatchNorm1d(3, virtual_batch_size=2, activation=activation, dtype=torch.float64)
     plain = copy.deepcopy(fused)
     plain.activation = batchnorm.activations.IDENTITY
-    x, r = (torch.randn(6, 3, 4, dtype=torch.float64, generator=gen) for _ in range(2))
-    assert_close(fused(x, r), torch.relu(plain(x) + r), 1e-12, 1e-12, "relu(ghost BN + r)")
+    x, r = (torch.randn(7, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(2))
+    if not with_residual:
+        r = torch.zeros_like(r, requires_grad=True)
+    torch_act = {"relu": torch.relu, "elu": nn.functional.elu, "silu": nn.functional.silu}[activation]
+    with batchnorm.backend(backend):
+        y = fused(x, r) if with_residual else fused(x)
+    expected = torch_act(plain(x) + r)
+    assert_close(y, expected, 1e-12, 1e-12, f"{activation}(ghost BN + r)")
+    dy = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    params = (x, r, fused.weight, fused.bias) if with_residual else (x, fused.weight, fused.bias)
+    got = torch.autograd.grad(y, params, dy)
+    want = torch.autograd.grad(expected, (*params[:-2], plain.weight, plain.bias), dy)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert_close(g, w, 1e-11, 1e-11, f"gradient {i}")
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_ghost_gradients_and_double_backward_pass_gradcheck(backend):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 2, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, generator=gen).add_(0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def f(x, w, b):
+        return batchnorm.functional.batch_norm(x, None, None, w, b, True, activation="silu", virtual_batch_size=3)
+
+    with batchnorm.backend(backend):
+        assert torch.autograd.gradcheck(f, (x, w, b))
+        assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_a_large_batch_runs_the_ghost_kernels_unforced_and_equals_torch_per_ghost(monkeypatch):
+    """Large enough for the automatic choice to take the numba backend: one launch for all ghosts."""
+    calls = spy_on(monkeypatch, type(batchnorm.kernels.get("numba")), "forward_train_ghosts", "backward_train_ghosts")
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(32, 16, 48, 48, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    layer = batchnorm.BatchNorm2d(16, virtual_batch_size=4, activation="relu")
+    assert batchnorm.kernels.select(x.detach().flatten(2), fused=True).name == "numba"
+    y = layer(x)
+    expected = torch.cat([torch.relu(nn.functional.batch_norm(g, None, None, layer.weight, layer.bias, True))
+                          for g in x.split(4)])  # fmt: skip
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, generator=gen)
+    for name, g, w in zip(("dx", "dweight", "dbias"), torch.autograd.grad(y, (x, layer.weight, layer.bias), dy),
+                          torch.autograd.grad(expected, (x, layer.weight, layer.bias), dy), strict=True):  # fmt: skip
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
+    assert calls == ["forward_train_ghosts", "backward_train_ghosts"]
 
 
 def test_a_ghost_of_one_value_is_refused_and_a_bad_size_too():

@@ -8,7 +8,7 @@ import torch
 from torch import fx, nn
 
 import batchnorm
-from tests.helpers import assert_close
+from tests.helpers import assert_close, spy_on
 
 
 def _valid_subset(x, mask):
@@ -17,17 +17,28 @@ def _valid_subset(x, mask):
     return moved[mask]  # (count, C)
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 7), (3, 3, 4, 5), (9, 3)], ids=str)
+@pytest.mark.parametrize(("shape", "channels_last"), [((4, 3, 7), False), ((3, 3, 4, 5), False),
+                                                      ((3, 3, 4, 5), True), ((9, 3), False)], ids=str)  # fmt: skip
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("path", ["kernels", "torch-ops"])
-def test_masked_training_is_batch_norm_over_the_valid_positions(shape, momentum, path, monkeypatch):
-    """Both forms: our kernels around the mask (eager), torch's ops (what tracers and export see)."""
+@pytest.mark.parametrize("path", ["automatic", "numba", "torch", "torch-ops"])
+def test_masked_training_is_batch_norm_over_the_valid_positions(shape, channels_last, momentum, path, monkeypatch):
+    """Every form: the backends' masked stages (the numba kernels, the torch backend's, and the
+    automatic choice), and torch's ops (what tracers and export see)."""
     if path == "torch-ops":
         monkeypatch.setattr(batchnorm._masked._route, "tool_needs_torch_ops", lambda: True)
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(shape, dtype=torch.float64, generator=gen) * 2 + 1).requires_grad_()
+    x = torch.randn(shape, dtype=torch.float64, generator=gen) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     mask = torch.rand((shape[0], *shape[2:]), generator=gen) < 0.6
     mask.view(-1)[:2] = True
+    with batchnorm.backend(path if path in ("numba", "torch") else None):
+        _check_against_the_valid_subset(x, mask, momentum, gen)
+
+
+def _check_against_the_valid_subset(x, mask, momentum, gen):
+    shape = tuple(x.shape)
     cls = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d}[len(shape)]
     ours = cls(3, momentum=momentum, dtype=torch.float64)
     with torch.no_grad():
@@ -36,6 +47,7 @@ def test_masked_training_is_batch_norm_over_the_valid_positions(shape, momentum,
     theirs = nn.BatchNorm1d(3, momentum=momentum, dtype=torch.float64)
     theirs.load_state_dict(ours.state_dict())
     y = ours(x, mask=mask)
+    assert y.stride() == x.stride()
     subset = _valid_subset(x.detach(), mask).requires_grad_()
     y_ref = theirs(subset)
     assert_close(_valid_subset(y, mask), y_ref, 1e-12, 1e-12, "y at valid positions")
@@ -71,6 +83,72 @@ def test_masked_eval_fused_relu_residual_and_nan_padding():
     expected = torch.relu(plain(subset) + _valid_subset(residual, mask))
     assert_close(_valid_subset(y, mask), expected, 1e-5, 1e-5, "eval")
     assert (y.movedim(1, -1)[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_masked_fused_activation_sequences_and_nan_padding(backend, activation):
+    """Padded sequences (a valid prefix per sample) holding NaN: the activation inside the
+    backends' masked stages, against torch's layer and activation on the valid subset."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 4, 9, dtype=torch.float64, generator=gen)
+    mask = torch.arange(9)[None] < torch.tensor([9, 3, 1, 6, 0])[:, None]
+    x = x.masked_fill(~mask.unsqueeze(1), float("nan")).requires_grad_()
+    layer = batchnorm.BatchNorm1d(4, activation=activation, dtype=torch.float64)
+    plain = nn.BatchNorm1d(4, dtype=torch.float64)
+    torch_act = {"relu": torch.relu, "silu": nn.functional.silu}[activation]
+    with batchnorm.backend(backend):
+        y = layer(x, mask=mask)
+    subset = _valid_subset(x.detach(), mask).requires_grad_()
+    expected = torch_act(plain(subset))
+    assert_close(_valid_subset(y, mask), expected, 1e-12, 1e-12, "y")
+    assert (y.movedim(1, -1)[~mask] == 0).all()
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=gen)
+    dx, dw, db = torch.autograd.grad(y, (x, layer.weight, layer.bias), dy)
+    dsub, dw_ref, db_ref = torch.autograd.grad(expected, (subset, plain.weight, plain.bias), _valid_subset(dy, mask))
+    assert_close(_valid_subset(dx, mask), dsub, 1e-11, 1e-11, "dx")
+    assert (dx.movedim(1, -1)[~mask] == 0).all()
+    assert_close(dw, dw_ref, 1e-11, 1e-11, "dweight")
+    assert_close(db, db_ref, 1e-11, 1e-11, "dbias")
+    assert_close(layer.running_var, plain.running_var, 1e-13, 1e-13, "running_var")
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_masked_gradients_and_double_backward_pass_gradcheck(backend):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 2, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, generator=gen).add_(0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64, generator=gen, requires_grad=True)
+    mask = torch.rand(4, 5, generator=gen) < 0.6
+    mask[0, :2] = True
+
+    def f(x, w, b):
+        return batchnorm.functional.batch_norm(x, None, None, w, b, True, activation="silu", mask=mask)
+
+    with batchnorm.backend(backend):
+        assert torch.autograd.gradcheck(f, (x, w, b))
+        assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+def test_a_large_masked_batch_runs_the_kernels_unforced_and_equals_torch_on_the_subset(monkeypatch):
+    """Large enough for the automatic choice to take the numba backend."""
+    calls = spy_on(monkeypatch, type(batchnorm.kernels.get("numba")), "forward_train_masked", "backward_train_masked")
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(32, 64, 200, generator=gen).requires_grad_()
+    mask = torch.arange(200)[None] < torch.randint(1, 201, (32,), generator=gen)[:, None]
+    layer = batchnorm.BatchNorm1d(64)
+    assert batchnorm.kernels.select(x.detach(), fused=True).name == "numba"
+    y = layer(x, mask=mask)
+    plain = nn.BatchNorm1d(64)
+    subset = _valid_subset(x.detach(), mask).requires_grad_()
+    expected = plain(subset)
+    torch.testing.assert_close(_valid_subset(y, mask), expected, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(x.shape, generator=gen)
+    dx = torch.autograd.grad(y, x, dy)[0]
+    dsub = torch.autograd.grad(expected, subset, _valid_subset(dy, mask))[0]
+    torch.testing.assert_close(_valid_subset(dx, mask), dsub, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.running_var, plain.running_var)
+    assert calls == ["forward_train_masked", "backward_train_masked"]
 
 
 def test_mask_errors_name_what_was_expected():

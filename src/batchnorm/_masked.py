@@ -9,8 +9,9 @@ statistics are used. The output at a padded position is 0 (after the residual ad
 the activation too), and no gradient flows from or to it: at the valid positions the
 layer is batch norm over the valid subset, gradients included.
 
-In training the statistics pass and the normalization are our kernels' (see
-:func:`batch_norm`), with a few elementwise torch ops around them for the mask.
+In training the statistics, the normalization and the backward are the backend's masked
+stages (the numba backend's run over the mask's valid stretches, in one launch each way;
+see :func:`batch_norm`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import torch
 
 from . import _ops, _route, _torch_ops, activations, kernels
 from ._checks import ShapeError
-from ._layout import as_ncl, per_channel, prepare, reduce_dims
+from ._layout import as_ncl, output_memory_format, per_channel, prepare, reduce_dims, restore
+from .activations import IDENTITY
 from .numerics import affine_from_stats, invstd_of, stats_dtype
 from .running import update_running_stats
 
@@ -57,16 +59,15 @@ def batch_norm(
     """``act(BN(x) + residual)`` at the valid positions of ``mask``, 0 elsewhere (arguments as
     in ``functional.batch_norm``, already checked).
 
-    Training, eagerly: the valid mean, then the padded positions filled with it, so our
-    kernels' statistics pass and ``_ops.NormalizeWithStats`` (statistics given, their
-    dependence on x in the backward) see the valid values plus values that move neither
-    the mean nor the sums of the backward; the variance is rescaled to the valid count.
-    Under tools that follow only torch's ops (tracing, export, compile), the same in plain
-    torch ops, which autograd differentiates."""
+    Training, eagerly: the backend's masked forward and backward (``forward_train_masked``;
+    the numba backend's kernels read only the valid values), with the activation inside
+    when there is no residual. Under tools that follow only torch's ops (tracing, export,
+    compile), the same in plain torch ops, which autograd differentiates."""
     check_mask(x, mask)
     if x.numel() == 0:
         return torch.zeros_like(x)
     valid = mask.unsqueeze(1)  # (N, 1, *)
+    after = act  # the activation still to apply
     if not training:
         mean, invstd = running_mean, invstd_of(running_var.to(stats_dtype(running_var.dtype)), eps)
         y = _torch_ops.affine(x, *affine_from_stats(mean.to(invstd.dtype), invstd, weight, bias))
@@ -77,35 +78,63 @@ def batch_norm(
         if _route.tool_needs_torch_ops() or torch.compiler.is_compiling():
             y, mean, var = _normalized_in_torch_ops(x, valid, count, weight, bias, eps)
         else:
-            y, mean, var = _normalized_by_kernels(x, valid, count, weight, bias, eps)
+            fused = act if residual is None else IDENTITY  # the activation the kernels apply (0 where padded)
+            function = _MaskedFunction.apply if _ops.needs_autograd(x, weight, bias) else _forward_impl
+            y, mean, var, _ = function(x, mask.reshape(x.shape[0], -1), count, weight, bias, eps, fused)
+            after = None if residual is None else act
         if running_mean is not None or running_var is not None:
             update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum,
                                  num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip
+    if after is None:
+        return y
     if residual is not None:
         y = y + residual
-    y = activations.forward(y, act)
-    if training and residual is None:  # y is finite where padded (x filled with the mean): a multiply
-        return y * valid.to(y.dtype)
-    return torch.where(valid, y, 0.0)  # (eval, or a residual: the padding's own values are there)
+    return torch.where(valid, activations.forward(y, after), 0.0)
 
 
-def _normalized_by_kernels(x, valid, count, weight, bias, eps):
-    sdtype = stats_dtype(x.dtype)
-    zeroed = torch.where(valid, x, 0.0)  # the gradient reaches x where valid
-    with torch.no_grad():
-        mean = zeroed.sum(reduce_dims(x), dtype=sdtype) / count
-    filled = torch.addcmul(zeroed, (~valid).to(x.dtype), per_channel(mean.to(x.dtype), x))  # padded: the mean
-    x3 = as_ncl(prepare(filled.detach()))
-    with torch.no_grad():
-        _, spread = kernels.select(x3).stats(x3)  # around the valid mean: padded values add 0
-        var = spread.to(sdtype) * (x3.shape[0] * x3.shape[2] / count)
-    invstd = invstd_of(var, eps)
-    y = _ops.NormalizeWithStats.apply(filled, weight, bias, mean, invstd, count, _local_sums)
-    return y, mean, var
+def _forward_impl(x, valid, count, weight, bias, eps, act):
+    """``(y, mean, var, invstd)`` from the backend's masked forward (``valid``: ``(N, L)``)."""
+    x = prepare(x)
+    x3 = as_ncl(x)
+    backend = kernels.select(x3, fused=True)  # the size rule of fused layers: torch has no masked kernel
+    y3, mean, var, invstd = backend.forward_train_masked(x3, valid, count, weight, bias, eps, act)
+    return restore(y3, x), mean, var, invstd
 
 
-def _local_sums(sum_dy: Tensor, sum_dy_xmu: Tensor) -> tuple[Tensor, Tensor]:
-    return sum_dy, sum_dy_xmu
+class _MaskedFunction(torch.autograd.Function):
+    """Masked batch norm on our kernels; a differentiated backward (double backward) takes the
+    gradient of the same layer in torch ops instead."""
+
+    @staticmethod
+    def forward(ctx, x, valid, count, weight, bias, eps, act):
+        y, mean, var, invstd = _forward_impl(x, valid, count, weight, bias, eps, act)
+        ctx.mark_non_differentiable(mean, var, invstd)
+        ctx.save_for_backward(x, valid, weight, bias, mean, invstd)
+        ctx.count, ctx.eps, ctx.act = count, eps, act
+        return y, mean, var, invstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dinvstd):
+        x, valid, weight, bias, mean, invstd = ctx.saved_tensors
+        inputs = (x, weight, bias)
+        needs = ctx.needs_input_grad
+        wanted = [t is not None and need for t, need in zip(inputs, (needs[0], needs[3], needs[4]), strict=True)]
+        if torch.is_grad_enabled():
+            keep = valid.view(x.shape[0], 1, *x.shape[2:])
+            y = _normalized_in_torch_ops(x, keep, ctx.count, weight, bias, ctx.eps)[0]
+            y = torch.where(keep, activations.forward(y, ctx.act), 0.0)
+            grads = iter(torch.autograd.grad(y, [t for t, w in zip(inputs, wanted, strict=True) if w], dy,
+                                             create_graph=True))  # fmt: skip
+            dx, dweight, dbias = (next(grads) if w else None for w in wanted)
+            return dx, None, None, dweight, dbias, None, None
+        xp = prepare(x)
+        x3, dy3 = as_ncl(xp), as_ncl(dy.contiguous(memory_format=output_memory_format(xp)))
+        dx3, sum_dz, sum_dz_xmu = kernels.select(x3, fused=True).backward_train_masked(
+            dy3, x3, valid, ctx.count, mean, invstd, weight, bias, ctx.act
+        )
+        dweight = None if not wanted[1] else (sum_dz_xmu * invstd).to(weight.dtype)
+        dbias = None if not wanted[2] else sum_dz.to(bias.dtype)
+        return (restore(dx3, xp) if wanted[0] else None), None, None, dweight, dbias, None, None
 
 
 def _normalized_in_torch_ops(x, valid, count, weight, bias, eps):

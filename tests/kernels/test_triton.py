@@ -205,6 +205,41 @@ def test_mixed_parameter_dtypes_as_under_autocast():
         assert_close(y, y_ref, 1e-2, 1e-2, f"y with {wdtype} parameters")
 
 
+@here
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ghost_and_masked_stages_match_the_torch_backend(layout):
+    """The ghost-batch and masked stages composed from the triton kernels (the base class's):
+    against the torch backend's, with a fused activation, a last ghost smaller than the others,
+    and padding holding NaN."""
+    backend, oracle = CONFIGS["split"], kernels.get("torch")
+    act = batchnorm.activations.Activation("silu")
+    x, dy = _draw((7, 5, 9), torch.float32, layout), _draw((7, 5, 9), torch.float32, layout, mean=0.0)
+    weight, bias = torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE)
+    got = backend.forward_train_ghosts(x, 3, weight, bias, 1e-5, act)
+    want = oracle.forward_train_ghosts(x, 3, weight, bias, 1e-5, act)
+    for name, g, w in zip(("y", "mean", "var", "invstd"), got, want, strict=True):
+        assert_close(g, w, 1e-5, 1e-5, f"ghosts {name}")
+    assert got[1].shape == (3, 5)
+    got = backend.backward_train_ghosts(dy, x, 3, want[1], want[3], weight, bias, act)
+    want = oracle.backward_train_ghosts(dy, x, 3, want[1], want[3], weight, bias, act)
+    for name, g, w in zip(("dx", "sum_dz", "sum_dz_xmu"), got, want, strict=True):
+        assert_close(g, w, 1e-4, 1e-4, f"ghosts {name}")
+
+    valid = torch.arange(9, device=DEVICE)[None] < torch.tensor([9, 2, 5, 0, 9, 1, 4], device=DEVICE)[:, None]
+    x = x.masked_fill(~valid.unsqueeze(1), float("nan"))
+    count = int(valid.sum())
+    got = backend.forward_train_masked(x, valid, count, weight, bias, 1e-5, act)
+    want = oracle.forward_train_masked(x, valid, count, weight, bias, 1e-5, act)
+    for name, g, w in zip(("y", "mean", "var", "invstd"), got, want, strict=True):
+        assert_close(g, w, 1e-5, 1e-5, f"masked {name}")
+    assert torch.isfinite(got[0]).all() and (got[0].transpose(1, 2)[~valid] == 0).all()
+    got = backend.backward_train_masked(dy, x, valid, count, want[1], want[3], weight, bias, act)
+    want = oracle.backward_train_masked(dy, x, valid, count, want[1], want[3], weight, bias, act)
+    for name, g, w in zip(("dx", "sum_dz", "sum_dz_xmu"), got, want, strict=True):
+        assert_close(g, w, 1e-4, 1e-4, f"masked {name}")
+    assert (got[0].transpose(1, 2)[~valid] == 0).all()
+
+
 class _TritonOnAnyDevice(TritonBackend):
     """The backend as the registry would use it, but accepting this run's tensors."""
 

@@ -10,7 +10,7 @@ import torch
 
 from .. import activations
 from ..activations import IDENTITY, Activation
-from ..numerics import affine_from_stats, grad_input_coefficients, invstd_of
+from ..numerics import affine_from_stats, grad_input_coefficients, invstd_of, stats_dtype
 from . import sign_mask
 
 Tensor = torch.Tensor
@@ -132,6 +132,94 @@ class Backend:
         dz = torch.where(positive, dy, dy * act.negative_slope)
         dx, sum_dz, sum_dz_xmu = self.backward_train(dz, x, mean, invstd, weight)
         return dx, dz, sum_dz, sum_dz_xmu
+
+    # -- ghost batches (``virtual_batch_size``): the batch cut into runs of ``size`` samples --
+
+    def forward_train_ghosts(
+        self, x: Tensor, size: int, weight: Tensor | None, bias: Tensor | None, eps: float, act: Activation = IDENTITY
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``act(BN(ghost))`` for each ghost of ``size`` samples (the last may be smaller), weight
+        and bias shared; returns ``(y, mean, var, invstd)`` with statistics ``[G, C]``, one row
+        per ghost. By default :meth:`forward_train` on each ghost, into one output."""
+        y = torch.empty_like(x)
+        stats = []
+        for ghost, out in zip(x.split(size), y.split(size), strict=True):
+            yg, *ghost_stats = self.forward_train(ghost, weight, bias, eps, act)
+            out.copy_(yg)
+            stats.append(ghost_stats)
+        mean, var, invstd = (torch.stack(s) for s in zip(*stats, strict=True))
+        return y, mean, var, invstd
+
+    def backward_train_ghosts(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        size: int,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None = None,
+        act: Activation = IDENTITY,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The backward of :meth:`forward_train_ghosts` (``mean``, ``invstd``: ``[G, C]``); returns
+        ``(dx, sum_dz, sum_dz_xmu)``, the sums ``[G, C]`` over each ghost. By default
+        :meth:`backward_train` on each ghost."""
+        dx = torch.empty_like(x)
+        sums = []
+        for g, (dyg, xg, out) in enumerate(zip(dy.split(size), x.split(size), dx.split(size), strict=True)):
+            dxg, *ghost_sums = self.backward_train(dyg, xg, mean[g], invstd[g], weight, bias, act)
+            out.copy_(dxg)
+            sums.append(ghost_sums)
+        sum_dz, sum_dz_xmu = (torch.stack(s) for s in zip(*sums, strict=True))
+        return dx, sum_dz, sum_dz_xmu
+
+    # -- masked (``mask=``): statistics over the valid positions, 0 at the others --
+
+    def forward_train_masked(
+        self,
+        x: Tensor,
+        valid: Tensor,
+        count: int,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        act: Activation = IDENTITY,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``act(BN(x))`` with the statistics over the ``count`` positions where the boolean
+        ``valid[N, L]`` holds, and 0 at the others; returns ``(y, mean, var, invstd)``. By
+        default in torch ops around :meth:`apply`."""
+        keep = valid.unsqueeze(1)  # N,1,L
+        xs = torch.where(keep, x, 0.0).to(stats_dtype(x.dtype))  # padded values (even NaN) reach nothing
+        mean = xs.sum((0, 2)) / count
+        centered = torch.where(keep, xs - mean[:, None], 0.0)
+        var = (centered * centered).sum((0, 2)) / count
+        invstd = invstd_of(var, eps)
+        y = activations.apply_(self.apply(x, *affine_from_stats(mean, invstd, weight, bias)), act)
+        return y.masked_fill_(~keep, 0.0), mean, var, invstd
+
+    def backward_train_masked(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        valid: Tensor,
+        count: int,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None = None,
+        act: Activation = IDENTITY,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The backward of :meth:`forward_train_masked`; returns ``(dx, sum_dz, sum_dz_xmu)``,
+        the sums over the valid positions, ``dx`` 0 at the others. By default the padded
+        positions are given ``dz = 0`` and ``x = mean`` (they add nothing to the sums), then
+        :meth:`backward_reduce` and :meth:`backward_apply` over ``count``."""
+        keep = valid.unsqueeze(1)  # N,1,L
+        grad = activations.grad_from_input(self.apply(x, *affine_from_stats(mean, invstd, weight, bias)), act)
+        dz = torch.where(keep, dy if grad is None else dy * grad, 0.0).to(x.dtype)
+        xz = torch.where(keep, x, mean.to(x.dtype)[:, None])
+        sum_dz, sum_dz_xmu = self.backward_reduce(dz, xz, mean)
+        dx = self.backward_apply(dz, xz, mean, invstd, weight, sum_dz, sum_dz_xmu, count)
+        return dx.masked_fill_(~keep, 0.0), sum_dz, sum_dz_xmu
 
     # -- deprecated names: the activation became an argument of forward_train/backward_train --
 

@@ -268,6 +268,33 @@ def ncl_block_sums(x, c0, c1):
 
 
 @helper
+def nlc_shifted_sums(x, r0, r1, shift, acc):
+    """Adds ``d = x - shift`` and ``d * d`` of rows r0..r1 of x[R, C] to ``acc[0]``, ``acc[1]``
+    (float64, C), column block by column block; sums of ``ROW_BLOCK`` rows run in x's dtype."""
+    C = x.shape[1]
+    p = np.empty((2, min(C, COLUMN_BLOCK)), dtype=x.dtype)  # 2,block of C: sums of a few rows
+    for c0 in range(0, C, COLUMN_BLOCK):
+        c1 = min(c0 + COLUMN_BLOCK, C)
+        a1 = acc[0, c0:c1]  # block of C
+        a2 = acc[1, c0:c1]  # block of C
+        p1 = p[0, : c1 - c0]  # block of C
+        p2 = p[1, : c1 - c0]  # block of C
+        sh = shift[c0:c1]  # block of C
+        for rb in range(r0, r1, ROW_BLOCK):
+            p1[:] = 0
+            p2[:] = 0
+            for r in range(rb, min(rb + ROW_BLOCK, r1)):
+                row = x[r, c0:c1]  # block of C
+                for j in range(row.shape[0]):  # from 0: no negative-index checks, so it vectorizes
+                    d = row[j] - sh[j]
+                    p1[j] += d
+                    p2[j] += d * d
+            for j in range(p1.shape[0]):
+                a1[j] += p1[j]
+                a2[j] += p2[j]
+
+
+@helper
 def merged(part, c, splits):
     """Channel c's two sums, added over its ``splits`` parts (``part[c * splits + s]``)."""
     s1 = 0.0

@@ -17,7 +17,7 @@ import torch
 from ...activations import IDENTITY, Activation
 from .. import sign_mask
 from ..base import Backend, count_of
-from . import loops, residual_loops, threads
+from . import ghost_loops, loops, masked_loops, residual_loops, threads
 from .memory import NP_DTYPE, empty_like
 
 Tensor = torch.Tensor
@@ -116,6 +116,19 @@ def _ncl_block(threads: int, x: Tensor) -> int:
 def _nlc_splits(threads: int, rows: int) -> int:
     """Row blocks for the nlc kernels."""
     return 1 if threads == 1 else max(1, min(rows, BLOCKS_PER_THREAD * threads))
+
+
+def _ghost_block(threads: int, x: Tensor, size: int) -> int:
+    """:func:`_ncl_block` for ghosts of ``size`` samples: work items are ghosts x channel blocks."""
+    n, c, l = x.shape
+    ghosts = -(-n // size)
+    block = max(1, CACHE_BLOCK_BYTES // max(1, size * l * x.element_size()))
+    return max(1, min(block, c, c * ghosts // (CHANNELS_PER_THREAD * threads)))
+
+
+def _ghost_splits(threads: int, ghosts: int, ghost_rows: int) -> int:
+    """Row blocks per ghost for the nlc ghost kernels (enough work items for the threads)."""
+    return max(1, min(ghost_rows, -(-BLOCKS_PER_THREAD * threads // ghosts)))
 
 
 def _channel_outputs(c: int, dtype: torch.dtype, count: int) -> tuple[Tensor, ...]:
@@ -304,6 +317,165 @@ class NumbaBackend(Backend):
                 lambda t: (ga, xa, chan, slope, total, _nlc_splits(t, n * l), mode, dxa, sa),
             )
         return (dx if mode != 0 else None), sum_dy, sum_dy_xmu
+
+    # -- ghost batches --
+
+    def forward_train_ghosts(
+        self, x: Tensor, size: int, weight: Tensor | None, bias: Tensor | None, eps: float, act: Activation = IDENTITY
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """All ghosts in one launch of ``ghost_loops``' forward (the activation in the kernel)."""
+        n, c, l = x.shape
+        if not act.kind.in_kernel or n * l == 0:
+            return super().forward_train_ghosts(x, size, weight, bias, eps, act)
+        ghosts = -(-n // size)
+        layout, x = _layout(x)
+        y = empty_like(x)
+        mean, var, invstd = (torch.empty(ghosts, c, dtype=x.dtype) for _ in range(3))
+        xa, ya = _view(x, layout), _view(y, layout)
+        w, b = _vec(weight, c, x.dtype, 1.0), _vec(bias, c, x.dtype, 0.0)
+        ex, slope = _scalar(eps, x.dtype), _slope(act, x.dtype)
+        out = (mean.numpy(), var.numpy(), invstd.numpy())
+        kernels = ghost_loops.training(act.name)
+        if layout == "ncl":
+            threads.launch(
+                kernels.ncl_forward_ghosts,
+                x.numel(),
+                lambda t: (xa, size, w, b, ex, slope, _ghost_block(t, x, size), ya, out),
+            )
+        else:
+            threads.launch(
+                kernels.nlc_forward_ghosts,
+                x.numel(),
+                lambda t: (xa, size * l, w, b, ex, slope, _ghost_splits(t, ghosts, size * l), ya, out),
+            )
+        return y, mean, var, invstd
+
+    def backward_train_ghosts(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        size: int,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None = None,
+        act: Activation = IDENTITY,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Both passes of every ghost in one launch of ``ghost_loops``' backward."""
+        n, c, l = x.shape
+        if not act.kind.in_kernel or n * l == 0:
+            return super().backward_train_ghosts(dy, x, size, mean, invstd, weight, bias, act)
+        ghosts, dtype = -(-n // size), x.dtype
+        layout, x = _layout(x)
+        dy = _like(dy.to(dtype), layout)
+        dx = empty_like(x)
+        sum_dz, sum_dz_xmu = (torch.empty(ghosts, c, dtype=dtype) for _ in range(2))
+        xa, ga, dxa = _view(x, layout), _view(dy, layout), _view(dx, layout)
+        chan = (
+            mean.detach().to(dtype).contiguous().numpy(),
+            invstd.detach().to(dtype).contiguous().numpy(),
+            _vec(weight, c, dtype, 1.0),
+            _vec(bias, c, dtype, 0.0),
+        )
+        slope, sa = _slope(act, dtype), (sum_dz.numpy(), sum_dz_xmu.numpy())
+        kernels = ghost_loops.training(act.name)
+        if layout == "ncl":
+            threads.launch(
+                kernels.ncl_backward_ghosts,
+                x.numel(),
+                lambda t: (ga, xa, size, chan, slope, _ghost_block(t, x, size), dxa, sa),
+            )
+        else:
+            threads.launch(
+                kernels.nlc_backward_ghosts,
+                x.numel(),
+                lambda t: (ga, xa, size * l, chan, slope, _ghost_splits(t, ghosts, size * l), dxa, sa),
+            )
+        return dx, sum_dz, sum_dz_xmu
+
+    # -- masked --
+
+    def forward_train_masked(
+        self,
+        x: Tensor,
+        valid: Tensor,
+        count: int,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        eps: float,
+        act: Activation = IDENTITY,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One launch of ``masked_loops``' forward on the mask's runs (padded values never read)."""
+        n, c, l = x.shape
+        if not act.kind.in_kernel:
+            return super().forward_train_masked(x, valid, count, weight, bias, eps, act)
+        layout, x = _layout(x)
+        y = empty_like(x)
+        mean, var, invstd = _channel_outputs(c, x.dtype, 3)
+        offsets, runs = masked_loops.valid_runs(valid.contiguous().numpy())
+        xa, ya = _view(x, layout), _view(y, layout)
+        w, b = _vec(weight, c, x.dtype, 1.0), _vec(bias, c, x.dtype, 0.0)
+        ex, slope = _scalar(eps, x.dtype), _slope(act, x.dtype)
+        out = (mean.numpy(), var.numpy(), invstd.numpy())
+        kernels = masked_loops.training(act.name)
+        if layout == "ncl":
+            threads.launch(
+                kernels.ncl_forward_masked,
+                x.numel(),
+                lambda t: (xa, offsets, runs, count, w, b, ex, slope, _ncl_block(t, x), ya, out),
+            )
+        else:
+            threads.launch(
+                kernels.nlc_forward_masked,
+                x.numel(),
+                lambda t: (xa, l, offsets, runs, count, w, b, ex, slope, _nlc_splits(t, n), ya, out),
+            )
+        return y, mean, var, invstd
+
+    def backward_train_masked(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        valid: Tensor,
+        count: int,
+        mean: Tensor,
+        invstd: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None = None,
+        act: Activation = IDENTITY,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Both passes in one launch of ``masked_loops``' backward, on the mask's runs."""
+        n, c, l = x.shape
+        if not act.kind.in_kernel:
+            return super().backward_train_masked(dy, x, valid, count, mean, invstd, weight, bias, act)
+        dtype = x.dtype
+        layout, x = _layout(x)
+        dy = _like(dy.to(dtype), layout)
+        dx = empty_like(x)
+        sum_dz, sum_dz_xmu = _channel_outputs(c, dtype, 2)
+        offsets, runs = masked_loops.valid_runs(valid.contiguous().numpy())
+        xa, ga, dxa = _view(x, layout), _view(dy, layout), _view(dx, layout)
+        chan = (
+            _vec(mean, c, dtype, 0.0),
+            _vec(invstd, c, dtype, 1.0),
+            _vec(weight, c, dtype, 1.0),
+            _vec(bias, c, dtype, 0.0),
+        )
+        slope, sa = _slope(act, dtype), (sum_dz.numpy(), sum_dz_xmu.numpy())
+        kernels = masked_loops.training(act.name)
+        if layout == "ncl":
+            threads.launch(
+                kernels.ncl_backward_masked,
+                x.numel(),
+                lambda t: (ga, xa, offsets, runs, count, chan, slope, _ncl_block(t, x), dxa, sa),
+            )
+        else:
+            threads.launch(
+                kernels.nlc_backward_masked,
+                x.numel(),
+                lambda t: (ga, xa, l, offsets, runs, count, chan, slope, _nlc_splits(t, n), dxa, sa),
+            )
+        return dx, sum_dz, sum_dz_xmu
 
     # -- with a residual --
 

@@ -36,6 +36,7 @@ from ._helpers import (
     merged,
     ncl_block_sums,
     ncl_sums,
+    nlc_shifted_sums,
     rows,
     zero_of,
 )
@@ -287,26 +288,7 @@ def nlc_forward(x, w, b, eps, slope, splits, write_y, y, out):
     part = np.zeros((splits, 2, C))  # splits,2,C: shifted sums per row block
     for s in prange(splits):
         r0, r1 = rows(s, splits, R)
-        p = np.empty((2, min(C, COLUMN_BLOCK)), dtype=x.dtype)  # 2,block of C: sums of a few rows
-        for c0 in range(0, C, COLUMN_BLOCK):
-            c1 = min(c0 + COLUMN_BLOCK, C)
-            a1 = part[s, 0, c0:c1]  # block of C
-            a2 = part[s, 1, c0:c1]  # block of C
-            p1 = p[0, : c1 - c0]  # block of C
-            p2 = p[1, : c1 - c0]  # block of C
-            sh = shift[c0:c1]  # block of C
-            for rb in range(r0, r1, ROW_BLOCK):
-                p1[:] = 0
-                p2[:] = 0
-                for r in range(rb, min(rb + ROW_BLOCK, r1)):
-                    row = x[r, c0:c1]  # block of C
-                    for j in range(row.shape[0]):  # from 0: no negative-index checks, so it vectorizes
-                        d = row[j] - sh[j]
-                        p1[j] += d
-                        p2[j] += d * d
-                for j in range(p1.shape[0]):
-                    a1[j] += p1[j]
-                    a2[j] += p2[j]
+        nlc_shifted_sums(x, r0, r1, shift, part[s])
     coef = np.empty((3, C), dtype=x.dtype)  # MEAN, SCALE, SHIFT
     for c in range(C):
         s1 = 0.0
@@ -413,20 +395,20 @@ def nlc_apply_res(x, scale, shift, r, slope, y, splits):
                 yr[c] = act(xr[c] * scale[c] + shift[c] + rr[c], slope)
 
 
+# The helpers that apply the activation (``ghost_loops`` compiles its kernels with them too).
+TRAINING_HELPERS = (
+    _dz,
+    _run_normalize,
+    _run_grad_sums,
+    _run_grad_input,
+    _ncl_normalize,
+    _ncl_grad_sums,
+    _ncl_grad_input,
+    _nlc_normalize,
+    _nlc_grad_sums,
+    _nlc_grad_input,
+)
 training = kernel_family(
-    globals(),
-    helpers=(
-        _dz,
-        _run_normalize,
-        _run_grad_sums,
-        _run_grad_input,
-        _ncl_normalize,
-        _ncl_grad_sums,
-        _ncl_grad_input,
-        _nlc_normalize,
-        _nlc_grad_sums,
-        _nlc_grad_input,
-    ),
-    kernels=(ncl_forward, ncl_backward, nlc_forward, nlc_backward),
+    globals(), helpers=TRAINING_HELPERS, kernels=(ncl_forward, ncl_backward, nlc_forward, nlc_backward)
 )
 evaluation = kernel_family(globals(), helpers=(), kernels=(ncl_apply, ncl_apply_res, nlc_apply, nlc_apply_res))
