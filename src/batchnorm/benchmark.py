@@ -57,6 +57,8 @@ FUSED_MODES = tuple(FUSED_ACTIVATION)
 FUSED_NAMES = {"fused-relu": "BN+ReLU", "fused-elu": "BN+ELU", "fused-silu": "BN+SiLU", "fused-add-relu": "BN+add+ReLU"}
 MODES = PLAIN_MODES + FUSED_MODES
 MODEL_MODES = ("model-train", "model-eval")  # whole models (batchnorm.model_bench), asked for by name
+SEMANTICS_MODES = ("ghost", "masked")  # ghost batches and masks (batchnorm.semantics_bench), asked for by name
+NAMED_MODES = MODEL_MODES + SEMANTICS_MODES
 BYTES_PER_ELEMENT_MOVED = {  # in units of n * itemsize
     "train-fwd": 2,
     "train-fwdbwd": 5,
@@ -107,8 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input dtype (default float32); bfloat16 and float16 keep float32 parameters")  # fmt: skip
     parser.add_argument("--cases", default="", help="comma-separated substrings; run only cases whose name has one")
     parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated subset of {','.join(MODES)} (the default), and the whole-model modes "
-                        f"{','.join(MODEL_MODES)}")  # fmt: skip
+                        help=f"comma-separated subset of {','.join(MODES)} (the default), the whole-model modes "
+                        f"{','.join(MODEL_MODES)}, the batch-semantics modes {','.join(SEMANTICS_MODES)}")  # fmt: skip
     parser.add_argument("--batch", type=int, default=None,
                         help="batch of the ResNet-50 cases (default 32, cuda 256) and models (default 16)")  # fmt: skip
     parser.add_argument("--models", default=",".join(MODELS),
@@ -181,11 +183,11 @@ def _checked(args: argparse.Namespace) -> tuple[list[str], list[Case]]:
                              "(--dry-run runs the same cases shrunk, on the CPU)")  # fmt: skip
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
-        if mode not in MODES + MODEL_MODES:
-            raise UsageError(f"--modes: unknown mode {mode!r}; expected some of {', '.join(MODES + MODEL_MODES)}")
+        if mode not in MODES + NAMED_MODES:
+            raise UsageError(f"--modes: unknown mode {mode!r}; expected some of {', '.join(MODES + NAMED_MODES)}")
+    if any(m in NAMED_MODES for m in modes) and device == "cuda" and not args.dry_run:
+        raise UsageError(f"--modes {','.join(m for m in modes if m in NAMED_MODES)}: CPU only for now")
     if any(m in MODEL_MODES for m in modes):
-        if device == "cuda" and not args.dry_run:
-            raise UsageError(f"--modes {','.join(m for m in modes if m in MODEL_MODES)}: CPU only for now")
         parse_models(args.models)
     if not any(m in MODES for m in modes):
         return modes, []
@@ -304,6 +306,13 @@ def run(args: argparse.Namespace) -> int:
         models = model_bench.report(parse_models(args.models), model_modes, batch, size, repeats,
                                     lambda line: print(line, flush=True))  # fmt: skip
         top += ["", *models]
+    semantics_modes = [m for m in modes if m in SEMANTICS_MODES]
+    if semantics_modes:  # ghost batches and masks, after the layers
+        from . import semantics_bench
+
+        print("", flush=True)
+        top += ["", *semantics_bench.report(semantics_modes, repeats, small, not args.no_compile,
+                                            lambda line: print(line, flush=True))]  # fmt: skip
     summary = closing()
     memory: list[str] = []
     if not args.no_memory and any(m in FUSED_MODES for m in modes) and device.type == "cpu":
