@@ -285,6 +285,42 @@ def check_population(rank: int, world: int) -> None:
     assert int(accumulated.num_batches_tracked) == 1
 
 
+def check_ghosts(rank: int, world: int, sizes: tuple[int, ...], backend: str | None = None) -> None:
+    """``virtual_batch_size`` across ranks: ghost k, every rank's k-th run of samples together,
+    as torch's batch norm on those samples alone (outputs, input and parameter gradients); the
+    running statistics move toward the ghosts' average of means and unbiased variances."""
+    size = 3
+    g = torch.Generator().manual_seed(_seed(f"ghosts{sizes}"))
+    sync = SyncBatchNorm(4, virtual_batch_size=size, momentum=0.5, dtype=torch.float64)
+    with torch.no_grad():
+        sync.weight.uniform_(0.5, 1.5, generator=g)
+        sync.bias.uniform_(-1, 1, generator=g)
+    x = torch.randn(sum(sizes), 4, 5, dtype=torch.float64, generator=g) * 2 + 1
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    x_full, weight, bias = (t.detach().clone().requires_grad_() for t in (x, sync.weight, sync.bias))
+    parts = x_full.split(sizes)  # rank r's input, then its ghosts
+    ghosts = [[p[k * size : (k + 1) * size] for p in parts] for k in range(-(-max(sizes) // size))]
+    outputs = [nn.functional.batch_norm(torch.cat(gk), None, None, weight, bias, True).split([len(t) for t in gk])
+               for gk in ghosts]  # fmt: skip
+    y_full = torch.cat([torch.cat([outputs[k][r] for k in range(len(ghosts))]) for r in range(world)])
+    (y_full * dy).sum().backward()
+    x_mine = _local(x, sizes, rank).clone().requires_grad_()
+    with batchnorm.backend(backend):
+        y_mine = sync(x_mine)
+        (y_mine * _local(dy, sizes, rank)).sum().backward()
+    assert_close(y_mine, _local(y_full, sizes, rank), 1e-12, 1e-12, "output")
+    assert_close(x_mine.grad, _local(x_full.grad, sizes, rank), 1e-11, 1e-11, "input grad")
+    for name, want in (("weight", weight.grad), ("bias", bias.grad)):
+        got = getattr(sync, name).grad.clone()
+        dist.all_reduce(got)  # this rank's share, as for any parameter (DDP adds them up)
+        assert_close(got, want, 1e-11, 1e-11, f"{name} grad")
+    joined = [torch.cat(gk).detach().transpose(0, 1).reshape(4, -1) for gk in ghosts]
+    mean = torch.stack([v.mean(1) for v in joined]).mean(0)
+    var = torch.stack([v.var(1) for v in joined]).mean(0)
+    assert_close(sync.running_mean, 0.5 * mean, 1e-12, 1e-12, "running_mean")
+    assert_close(sync.running_var, 0.5 + 0.5 * var, 1e-12, 1e-12, "running_var")
+
+
 def check_group_of_one(rank: int, world: int) -> None:
     """A group holding only this rank: the plain layer (no collective), as BatchNorm2d."""
     groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
@@ -507,6 +543,8 @@ SCENARIOS: dict[str, list[tuple[str, Callable[[int, int], None]]]] = {
         ("group_of_one", check_group_of_one),
         ("checkpointed", check_checkpointed),
         ("population", check_population),
+        ("ghosts_uneven", lambda r, w: check_ghosts(r, w, (7, 4))),
+        ("ghosts_even_numba", lambda r, w: check_ghosts(r, w, (6, 6), "numba")),
         ("channel_mismatch", check_channel_mismatch),
         ("single_value", check_single_value),
         ("empty_global_batch", check_empty_global_batch),
@@ -516,6 +554,7 @@ SCENARIOS: dict[str, list[tuple[str, Callable[[int, int], None]]]] = {
     "three": [
         *[(f"layer_{c.name}", lambda r, w, c=c: check_layer(c, r, w)) for c in CASES_3],
         ("ddp_cnn_uneven_empty_rank", lambda r, w: check_ddp_cnn((5, 0, 4), r, w)),
+        ("ghosts_empty_rank", lambda r, w: check_ghosts(r, w, (5, 0, 8))),
         ("channel_mismatch", check_channel_mismatch),
         ("rank_dies", check_rank_dies),
     ],

@@ -18,12 +18,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import fx, nn
+from torch.autograd.function import once_differentiable
 
 from . import _fx, _ops, _route, _torch_ops, activations, kernels, modules
 from ._checks import ShapeError, check_input, check_residual
 from ._layout import as_ncl, output_memory_format, prepare
 from ._swap import swap_layer
-from .numerics import invstd_of, pooled, stats_dtype
+from .numerics import affine_from_stats, invstd_of, pooled, stats_dtype
 from .running import recomputing, update_running_stats
 
 Tensor = torch.Tensor
@@ -115,6 +116,7 @@ def sync_batch_norm(
     nonfinite_count: Tensor | None = None,
     activation=None,
     residual: Tensor | None = None,
+    virtual_batch_size: int | None = None,
 ) -> Tensor:
     """Training-mode batch norm with the statistics of the global batch (every rank's input).
 
@@ -127,6 +129,9 @@ def sync_batch_norm(
     value per channel (``ValueError`` on every rank), and the running update
     gets the global count. The result equals :func:`batchnorm.functional.batch_norm`
     on the concatenation of the ranks' inputs.
+
+    With ``virtual_batch_size=v`` (ghost batches, see :func:`_ghost_batch_norm`), ghost ``k``
+    is every rank's ``k``-th run of ``v`` samples, normalized together.
 
     Every rank of ``process_group`` must call this with the same number of
     channels, and must run the backward if any rank does (it holds one
@@ -142,6 +147,11 @@ def sync_batch_norm(
     act = activations.parse(activation)
     check_residual(input, residual)
     x = prepare(input)
+    if virtual_batch_size is not None:
+        y = _ghost_batch_norm(x, virtual_batch_size, group, world, running_mean, running_var, weight, bias, momentum,
+                              eps, num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip
+        if y is not None:
+            return _torch_ops.activate(y, residual, act.name, act.param, False)
     mean, var, total = _global_statistics(x, group, world)
     if total == 0:  # as batch_norm on an empty batch: nothing to learn, the batch still counts
         if num_batches_tracked is not None and running_mean is not None:
@@ -185,6 +195,90 @@ def _global_statistics(x: Tensor, group, world: int) -> tuple[Tensor, Tensor, in
     return mean, var, round(sum(counts.tolist()))  # the one host read: W numbers
 
 
+def _ghost_batch_norm(x, size, group, world, running_mean, running_var, weight, bias, momentum, eps,
+                      num_batches_tracked, skip_nonfinite, nonfinite_count) -> Tensor | None:  # fmt: skip
+    """Ghost batches across ranks: ghost ``k`` is the ``k``-th run of ``size`` samples of every
+    rank's input (a rank with fewer ghosts adds nothing to the last ones), normalized with the
+    statistics of all of them; the running statistics move toward the ghosts' average, as the
+    plain layer's do (``batchnorm._ghost``). One extra ``all_reduce`` agrees on the number of
+    ghosts; the exchange is the plain path's, one row per ghost. ``None`` when every rank's
+    input is empty (the caller takes the plain path)."""
+    x3 = as_ncl(x)
+    ghosts = torch.tensor([-(-x3.shape[0] // size)], device=x.device)
+    dist.all_reduce(ghosts, op=dist.ReduceOp.MAX, group=group)
+    count_ghosts = int(ghosts)
+    if count_ghosts == 0:  # no rank has a sample: the plain path's empty global batch
+        return None
+    channels, pdtype = x3.shape[1], _pack_dtype(x.device)
+    packed = torch.zeros(count_ghosts, 2 * channels + 1, dtype=pdtype, device=x.device)  # G,2C+1
+    with torch.no_grad():
+        for g, ghost in enumerate(x3.split(size)):
+            count = ghost.shape[0] * ghost.shape[2]
+            if count == 0:  # an empty rank: its row stays zeros and weighs zero
+                continue
+            if count == 1:  # one value per channel (legal on one rank): no kernel needed
+                mean, var = ghost[0, :, 0], torch.zeros_like(ghost[0, :, 0])
+            else:
+                mean, var = kernels.select(ghost).stats(ghost)
+            packed[g] = torch.cat([mean.to(pdtype), var.to(pdtype), packed.new_full((1,), count)])
+        gathered = _all_gather(packed, group, world)  # W,G,2C+1
+        means, vars_, counts = gathered[..., :channels], gathered[..., channels:-1], gathered[..., -1:]
+        mean, var, totals = pooled(means, vars_, counts)  # G,C G,C G,1
+    totals = [round(t) for t in totals.flatten().tolist()]  # the one host read: G numbers
+    if min(totals) <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel in every ghost batch when training, got {min(totals)} over the "
+            f"{world} ranks of the process group (this rank's input size {tuple(x.shape)}, virtual_batch_size={size})"
+        )
+    sdtype = stats_dtype(x.dtype)
+    mean, var = mean.to(sdtype), var.to(sdtype)
+    invstd = invstd_of(var, eps)
+    y = _NormalizeGhosts.apply(x, weight, bias, mean, invstd, size, totals, _summing_over(group))
+    if running_mean is not None or running_var is not None:
+        n = torch.tensor(totals, dtype=sdtype, device=x.device)[:, None]
+        unbiased = (var * n / (n - 1)).mean(0)  # each ghost's, averaged
+        total = sum(totals)  # given as the biased variance of `total` values that unbiases to it
+        update_running_stats(running_mean, running_var, mean.mean(0), unbiased * ((total - 1) / total), total,
+                             momentum, num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip
+    return y
+
+
+class _NormalizeGhosts(torch.autograd.Function):
+    """:class:`_ops.NormalizeWithStats` per ghost: ``mean``/``invstd`` are ``[G, C]``, ghost ``g``
+    of this rank's input (``size`` samples) is normalized with row ``g``, over ``totals[g]``
+    values on every rank; the backward's sums are ``[G, C]``, combined in one collective."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, size, totals, combine):
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.size, ctx.totals, ctx.combine = size, totals, combine
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        y = torch.empty_like(x, memory_format=output_memory_format(x))
+        for g, (ghost, out) in enumerate(zip(x.split(size), y.split(size), strict=True)):
+            if ghost.numel():
+                out.copy_(_ops._affine_impl(ghost, *affine_from_stats(mean[g], invstd[g], weight, bias)))
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=output_memory_format(x))
+        dx = torch.empty_like(x, memory_format=output_memory_format(x))
+        parts = [p for p in zip(*(as_ncl(t).split(ctx.size) for t in (x, dy, dx)), strict=True) if p[0].numel()]
+        sum_dy, sum_dy_xmu = torch.zeros_like(mean), torch.zeros_like(mean)  # G,C: ghosts this rank lacks add 0
+        for g, (x3, dy3, _) in enumerate(parts):
+            sum_dy[g], sum_dy_xmu[g] = kernels.select(x3).backward_reduce(dy3, x3, mean[g])
+        all_dy, all_dy_xmu = (t.view_as(mean) for t in ctx.combine(sum_dy.flatten(), sum_dy_xmu.flatten()))
+        if ctx.needs_input_grad[0]:
+            for g, (x3, dy3, out) in enumerate(parts):
+                out.copy_(kernels.select(x3).backward_apply(dy3, x3, mean[g], invstd[g], weight, all_dy[g],
+                                                            all_dy_xmu[g], ctx.totals[g]))  # fmt: skip
+        dweight = None if weight is None else (sum_dy_xmu * invstd).sum(0).to(weight.dtype)
+        dbias = None if ctx.bias_dtype is None else sum_dy.sum(0).to(ctx.bias_dtype)
+        return (dx if ctx.needs_input_grad[0] else None), dweight, dbias, None, None, None, None, None
+
+
 def _summing_over(group):
     """The backward's collective: both sums added over the group's ranks, packed in one all-reduce."""
 
@@ -224,6 +318,9 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
     activation run as torch ops after the normalization (not fused), and there
     is no ``memory_efficient`` mode.
 
+    ``virtual_batch_size=v``: ghost batches across ranks, ghost ``k`` made of every rank's
+    ``k``-th run of ``v`` samples (see :func:`sync_batch_norm`).
+
     Args:
         process_group: the ranks that share statistics (default: the whole world).
         others: as :class:`batchnorm.BatchNorm2d`.
@@ -249,11 +346,12 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         activation=None,
         freeze_statistics: bool = False,
         freeze_affine: bool = False,
+        virtual_batch_size: int | None = None,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
             bias=bias, skip_nonfinite=skip_nonfinite, activation=activation,
-            freeze_statistics=freeze_statistics, freeze_affine=freeze_affine,
+            freeze_statistics=freeze_statistics, freeze_affine=freeze_affine, virtual_batch_size=virtual_batch_size,
         )  # fmt: skip
         self.process_group = process_group
         self.dim_hint: int | None = None  # 1, 2 or 3: the BatchNormXd this layer reverts to
@@ -280,8 +378,6 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
         world = sync_world_size(self.process_group) if self.training and not self.freeze_statistics else 1
         if world == 1:
             return super().forward(input, residual)
-        if self.virtual_batch_size is not None:
-            raise NotImplementedError("SyncBatchNorm does not take virtual_batch_size across ranks yet")
         if _route.tool_needs_torch_ops():
             raise RuntimeError(
                 "SyncBatchNorm cannot synchronize its statistics under a tracer, torch.export, forward-mode AD "
@@ -309,6 +405,7 @@ class SyncBatchNorm(modules._BatchNorm, nn.modules.batchnorm._BatchNorm):
             nonfinite_count=self.num_nonfinite_batches if update else None,
             activation=self.activation,
             residual=residual,
+            virtual_batch_size=self.virtual_batch_size,
         )
 
     @classmethod
