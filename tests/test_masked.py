@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 import batchnorm
+from batchnorm.kernels.cpu import backend as cpu_backend
 from tests.helpers import assert_close, spy_on
 
 
@@ -20,10 +21,13 @@ def _valid_subset(x, mask):
 @pytest.mark.parametrize(("shape", "channels_last"), [((4, 3, 7), False), ((3, 3, 4, 5), False),
                                                       ((3, 3, 4, 5), True), ((9, 3), False)], ids=str)  # fmt: skip
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("path", ["automatic", "numba", "torch", "torch-ops"])
+@pytest.mark.parametrize("path", ["automatic", "numba-runs", "numba-selected", "torch", "torch-ops"])
 def test_masked_training_is_batch_norm_over_the_valid_positions(shape, channels_last, momentum, path, monkeypatch):
-    """Every form: the backends' masked stages (the numba kernels, the torch backend's, and the
-    automatic choice), and torch's ops (what tracers and export see)."""
+    """Every form: the backends' masked stages (the numba kernels, on the mask's runs or on whole
+    rows with a select, the torch backend's, and the automatic choice), and torch's ops (what
+    tracers and export see)."""
+    if path.startswith("numba-"):  # the ncl layout's two kernels, whatever the runs' length
+        monkeypatch.setattr(cpu_backend, "MASKED_RUN_MIN", 0 if path == "numba-runs" else 1 << 30)
     if path == "torch-ops":
         monkeypatch.setattr(batchnorm._masked._route, "tool_needs_torch_ops", lambda: True)
     gen = torch.Generator().manual_seed(0)
@@ -33,7 +37,8 @@ def test_masked_training_is_batch_norm_over_the_valid_positions(shape, channels_
     x.requires_grad_()
     mask = torch.rand((shape[0], *shape[2:]), generator=gen) < 0.6
     mask.view(-1)[:2] = True
-    with batchnorm.backend(path if path in ("numba", "torch") else None):
+    forced = {"numba-runs": "numba", "numba-selected": "numba", "torch": "torch"}.get(path)
+    with batchnorm.backend(forced):
         _check_against_the_valid_subset(x, mask, momentum, gen)
 
 
@@ -85,11 +90,13 @@ def test_masked_eval_fused_relu_residual_and_nan_padding():
     assert (y.movedim(1, -1)[~mask] == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("backend", ["numba-runs", "numba-selected", "torch"])
 @pytest.mark.parametrize("activation", ["relu", "silu"])
-def test_masked_fused_activation_sequences_and_nan_padding(backend, activation):
+def test_masked_fused_activation_sequences_and_nan_padding(backend, activation, monkeypatch):
     """Padded sequences (a valid prefix per sample) holding NaN: the activation inside the
     backends' masked stages, against torch's layer and activation on the valid subset."""
+    if backend.startswith("numba-"):
+        monkeypatch.setattr(cpu_backend, "MASKED_RUN_MIN", 0 if backend == "numba-runs" else 1 << 30)
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(5, 4, 9, dtype=torch.float64, generator=gen)
     mask = torch.arange(9)[None] < torch.tensor([9, 3, 1, 6, 0])[:, None]
@@ -97,7 +104,7 @@ def test_masked_fused_activation_sequences_and_nan_padding(backend, activation):
     layer = batchnorm.BatchNorm1d(4, activation=activation, dtype=torch.float64)
     plain = nn.BatchNorm1d(4, dtype=torch.float64)
     torch_act = {"relu": torch.relu, "silu": nn.functional.silu}[activation]
-    with batchnorm.backend(backend):
+    with batchnorm.backend(backend.split("-")[0]):
         y = layer(x, mask=mask)
     subset = _valid_subset(x.detach(), mask).requires_grad_()
     expected = torch_act(plain(subset))

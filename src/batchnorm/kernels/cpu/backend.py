@@ -42,6 +42,9 @@ PREFER_EVAL_MIN_BYTES = 32 << 20
 CHANNELS_PER_THREAD = 4
 # nlc: row blocks per thread (each thread normalizes the rows it summed, some still in cache).
 BLOCKS_PER_THREAD = 1
+# ncl, masked: with valid runs shorter than this on average, whole rows with a select per value
+# (a run's loop remainder costs more than reading the padded values; batchnorm bench --modes masked)
+MASKED_RUN_MIN = 128
 # ncl: bytes of each input a block of channels may span, so the block's second pass reads
 # it from the core's L2 cache (1 MiB or more on current x86 cores).
 CACHE_BLOCK_BYTES = 1 << 18
@@ -418,7 +421,14 @@ class NumbaBackend(Backend):
         ex, slope = _scalar(eps, x.dtype), _slope(act, x.dtype)
         out = (mean.numpy(), var.numpy(), invstd.numpy())
         kernels = masked_loops.training(act.name)
-        if layout == "ncl":
+        if layout == "ncl" and masked_loops.mean_run(offsets, runs) < MASKED_RUN_MIN:
+            first, va = masked_loops.first_valid(offsets, runs), valid.contiguous().numpy()
+            threads.launch(
+                kernels.ncl_forward_selected,
+                x.numel(),
+                lambda t: (xa, va, first, count, w, b, ex, slope, _ncl_block(t, x), ya, out),
+            )
+        elif layout == "ncl":
             threads.launch(
                 kernels.ncl_forward_masked,
                 x.numel(),
@@ -463,7 +473,14 @@ class NumbaBackend(Backend):
         )
         slope, sa = _slope(act, dtype), (sum_dz.numpy(), sum_dz_xmu.numpy())
         kernels = masked_loops.training(act.name)
-        if layout == "ncl":
+        if layout == "ncl" and masked_loops.mean_run(offsets, runs) < MASKED_RUN_MIN:
+            va = valid.contiguous().numpy()
+            threads.launch(
+                kernels.ncl_backward_selected,
+                x.numel(),
+                lambda t: (ga, xa, va, count, chan, slope, _ncl_block(t, x), dxa, sa),
+            )
+        elif layout == "ncl":
             threads.launch(
                 kernels.ncl_backward_masked,
                 x.numel(),

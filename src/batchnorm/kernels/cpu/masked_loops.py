@@ -22,6 +22,7 @@ from numba import prange
 
 from . import loops
 from ._helpers import (
+    BLOCK,
     ERROR_MODEL,
     MEAN,
     SCALE,
@@ -35,9 +36,12 @@ from ._helpers import (
     nlc_shifted_sums,
     rows,
     run_sums,
+    zero_of,
 )
 
 # Bound per activation by ``kernel_family``, as in ``loops``.
+act = loops.act
+_dz = loops._dz
 _run_normalize = loops._run_normalize
 _run_grad_sums = loops._run_grad_sums
 _run_grad_input = loops._run_grad_input
@@ -70,8 +74,14 @@ def valid_runs(valid):
     return offsets, runs[:k].copy()
 
 
+def mean_run(offsets, runs) -> float:
+    """Valid values per run, on average (what decides between the run kernels and the
+    ``selected`` ones in the ``ncl`` layout)."""
+    return float((runs[:, 1] - runs[:, 0]).sum()) / max(1, runs.shape[0])
+
+
 @helper
-def _first_valid(offsets, runs):
+def first_valid(offsets, runs):
     """``(n, l)`` of the first valid position (the caller makes sure there is one)."""
     n = 0
     while offsets[n + 1] == offsets[n]:
@@ -86,7 +96,7 @@ def ncl_forward_masked(x, offsets, runs, count, w, b, eps, slope, block, y, out)
     """Training forward: ``out = (mean, var, invstd)`` over the ``count`` valid values, ``y =
     act(BN(x))`` on the runs and 0 in the gaps."""
     N, C, _ = x.shape
-    n0, l0 = _first_valid(offsets, runs)
+    n0, l0 = first_valid(offsets, runs)
     for blk in prange((C + block - 1) // block):
         c0 = blk * block
         c1 = min(C, c0 + block)
@@ -149,6 +159,122 @@ def ncl_backward_masked(dy, x, offsets, runs, count, chan, slope, block, dx, sum
                 out[done:] = 0
 
 
+# --- ncl with short runs: whole rows x[n, c, :], each value kept or zeroed by the mask (no
+# loop remainder per run; the padded values are read, and discarded by a select) ---
+
+
+@helper
+def _selected_sums(seg, valid, shift):
+    """``sum(d)``, ``sum(d * d)`` in float64 over the values of ``seg`` where ``valid``, ``d = seg -
+    shift`` (block sums in x's dtype, as ``run_sums``)."""
+    s1 = 0.0
+    s2 = 0.0
+    zero = zero_of(seg)
+    for k in range(0, seg.shape[0], BLOCK):
+        kk = min(k + BLOCK, seg.shape[0])
+        blk = seg[k:kk]  # <= BLOCK
+        keep = valid[k:kk]  # <= BLOCK
+        p1 = zero
+        p2 = zero
+        for i in range(blk.shape[0]):
+            d = blk[i] - shift if keep[i] else zero
+            p1 += d
+            p2 += d * d
+        s1 += np.float64(p1)
+        s2 += np.float64(p2)
+    return s1, s2
+
+
+def _selected_normalize(xs, keep, ys, cf, slope):
+    """``ys = act((xs - m) * a + b)`` where ``keep``, 0 elsewhere."""
+    m, a, b = cf[MEAN], cf[SCALE], cf[SHIFT]
+    zero = zero_of(xs)
+    for i in range(xs.shape[0]):
+        z = act((xs[i] - m) * a + b, slope)
+        ys[i] = z if keep[i] else zero
+
+
+def _selected_grad_sums(gs, xs, keep, cf, slope):
+    """:func:`loops._run_grad_sums` over the values where ``keep``."""
+    m, a, b = cf[MEAN], cf[SCALE], cf[SHIFT]
+    zero = zero_of(xs)
+    s1 = 0.0
+    s2 = 0.0
+    for k in range(0, xs.shape[0], BLOCK):
+        kk = min(k + BLOCK, xs.shape[0])
+        gb = gs[k:kk]  # <= BLOCK
+        xb = xs[k:kk]  # <= BLOCK
+        vb = keep[k:kk]  # <= BLOCK
+        p1 = zero
+        p2 = zero
+        for i in range(xb.shape[0]):
+            g = _dz(gb[i], xb[i], m, a, b, slope) if vb[i] else zero
+            d = xb[i] - m if vb[i] else zero
+            p1 += g
+            p2 += g * d
+        s1 += np.float64(p1)
+        s2 += np.float64(p2)
+    return s1, s2
+
+
+def _selected_grad_input(gs, xs, keep, out, cf, slope):
+    """:func:`loops._run_grad_input` where ``keep``, 0 elsewhere."""
+    m, k, zb, a, b = cf[MEAN], cf[SCALE], cf[SHIFT], cf[A], cf[B]
+    zero = zero_of(xs)
+    for i in range(xs.shape[0]):
+        v = _dz(gs[i], xs[i], m, k, zb, slope) * k + (xs[i] - m) * a + b
+        out[i] = v if keep[i] else zero
+
+
+def ncl_forward_selected(x, valid, first, count, w, b, eps, slope, block, y, out):
+    """:func:`ncl_forward_masked` on whole rows, ``valid[N, L]`` read as a select per value;
+    ``first = (n, l)``, the first valid position."""
+    N, C, _ = x.shape
+    n0, l0 = first
+    for blk in prange((C + block - 1) // block):
+        c0 = blk * block
+        c1 = min(C, c0 + block)
+        acc = np.zeros((c1 - c0, 2))  # block of C: shifted sums
+        for n in range(N):
+            for c in range(c0, c1):
+                s1, s2 = _selected_sums(x[n, c], valid[n], x[n0, c, l0])
+                acc[c - c0, 0] += s1
+                acc[c - c0, 1] += s2
+        coef = np.empty((c1 - c0, 3), dtype=x.dtype)  # block of C: MEAN, SCALE, SHIFT
+        for c in range(c0, c1):
+            m, istd = finish_stats(acc[c - c0, 0], acc[c - c0, 1], count, x[n0, c, l0], eps, out, c)
+            coef[c - c0, MEAN], coef[c - c0, SCALE], coef[c - c0, SHIFT] = m, w[c] * istd, b[c]
+        for n in range(N):
+            for c in range(c0, c1):
+                _selected_normalize(x[n, c], valid[n], y[n, c], coef[c - c0], slope)
+
+
+def ncl_backward_selected(dy, x, valid, count, chan, slope, block, dx, sums):
+    """:func:`ncl_backward_masked` on whole rows, ``valid[N, L]`` read as a select per value."""
+    N, C, _ = x.shape
+    mean, invstd, w, b = chan
+    sum_dy, sum_dy_xmu = sums
+    for blk in prange((C + block - 1) // block):
+        c0 = blk * block
+        c1 = min(C, c0 + block)
+        coef = np.empty((c1 - c0, 5), dtype=x.dtype)  # block of C: MEAN, SCALE, SHIFT, A, B
+        acc = np.zeros((c1 - c0, 2))  # block of C: sums
+        for c in range(c0, c1):
+            coef[c - c0, MEAN], coef[c - c0, SCALE], coef[c - c0, SHIFT] = mean[c], w[c] * invstd[c], b[c]
+        for n in range(N):
+            for c in range(c0, c1):
+                s1, s2 = _selected_grad_sums(dy[n, c], x[n, c], valid[n], coef[c - c0], slope)
+                acc[c - c0, 0] += s1
+                acc[c - c0, 1] += s2
+        for c in range(c0, c1):
+            s1, s2 = acc[c - c0, 0], acc[c - c0, 1]
+            sum_dy[c], sum_dy_xmu[c] = s1, s2
+            coef[c - c0, A], coef[c - c0, B] = grad_coefficients(s1, s2, count, w[c], invstd[c])
+        for n in range(N):
+            for c in range(c0, c1):
+                _selected_grad_input(dy[n, c], x[n, c], valid[n], dx[n, c], coef[c - c0], slope)
+
+
 # --- nlc: x[R, C] with R = N * L rows, one work item per block of samples ---
 
 
@@ -156,7 +282,7 @@ def nlc_forward_masked(x, L, offsets, runs, count, w, b, eps, slope, splits, y, 
     """Training forward on rows of C; statistics and output as :func:`ncl_forward_masked`."""
     R, C = x.shape
     N = R // L
-    n0, l0 = _first_valid(offsets, runs)
+    n0, l0 = first_valid(offsets, runs)
     shift = x[n0 * L + l0].copy()  # C: each channel's first valid value
     part = np.zeros((splits, 2, C))  # splits,2,C: shifted sums per block of samples
     for s in prange(splits):
@@ -222,6 +348,13 @@ def nlc_backward_masked(dy, x, L, offsets, runs, count, chan, slope, splits, dx,
 
 training = kernel_family(
     {**vars(loops), **globals()},
-    helpers=loops.TRAINING_HELPERS,
-    kernels=(ncl_forward_masked, ncl_backward_masked, nlc_forward_masked, nlc_backward_masked),
+    helpers=(*loops.TRAINING_HELPERS, _selected_normalize, _selected_grad_sums, _selected_grad_input),
+    kernels=(
+        ncl_forward_masked,
+        ncl_backward_masked,
+        ncl_forward_selected,
+        ncl_backward_selected,
+        nlc_forward_masked,
+        nlc_backward_masked,
+    ),
 )
