@@ -8,14 +8,14 @@ variance. The running statistics move, once per batch, toward the average over t
 ghosts of their means and of their unbiased variances (each ghost counts once, as Keras
 did; with equal ghosts the mean is the batch mean). Eval is unaffected.
 
-Eagerly, where our kernels beat torch's (the size rule of fused layers: ``prefers(x,
-fused=True)``, as a ghost layer has no single torch kernel), every ghost is normalized in one launch of the backend's
-``forward_train_ghosts`` (the numba backend's ghost kernels: work items over ghosts and
-channels), with the activation in the kernel, behind :class:`_GhostFunction`. Where
-torch's own kernel runs plain batch norm (small tensors, other dtypes or devices with no
-backend forced, tools that only follow torch's ops, ``torch.compile``), each ghost runs
-torch's kernel and autograd, a contiguous slice of the batch in NCHW and channels-last
-alike, and one copy joins the outputs.
+Eagerly, wherever a backend of ours takes the tensor (at every size: torch has no ghost
+kernel, and one launch beat torch's kernel per ghost on every shape measured), all ghosts
+are normalized in one launch of the backend's ``forward_train_ghosts`` (the numba
+backend's ghost kernels: work items over ghosts and channels), with the activation in the
+kernel, behind :class:`_GhostFunction`. Where none does (other dtypes or devices, with no
+backend forced), under tools that only follow torch's ops, and under ``torch.compile``,
+each ghost runs torch's kernel and autograd, a contiguous slice of the batch in NCHW and
+channels-last alike, and one copy joins the outputs.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def batch_norm(
         )
     fused = act if residual is None else IDENTITY  # the activation the ghost kernels apply
     after = act if residual is not None else None  # the activation still to apply
-    if torch.compiler.is_compiling() or _route.runs_torch_ops(x, weight, bias, fused=True):
+    if torch.compiler.is_compiling() or _route.runs_torch_ops(x, weight, bias, fused=True, any_size=True):
         y, mean, var = _ghosts_by_torch(x, ghosts, weight, bias, eps)
         after = act
     elif _ops.needs_autograd(x, weight, bias):
@@ -97,7 +97,8 @@ def _forward_impl(x, weight, bias, size, eps, act):
     """``(y, mean, var, invstd)`` from the backend's ghost kernels, statistics ``[G, C]``."""
     x = prepare(x)
     x3 = as_ncl(x)
-    y3, mean, var, invstd = kernels.select(x3, fused=True).forward_train_ghosts(x3, size, weight, bias, eps, act)
+    backend = kernels.select(x3, fused=True, any_size=True)
+    y3, mean, var, invstd = backend.forward_train_ghosts(x3, size, weight, bias, eps, act)
     return restore(y3, x), mean, var, invstd
 
 
@@ -125,7 +126,7 @@ class _GhostFunction(torch.autograd.Function):
             return (*(next(grads) if w else None for w in wanted), None, None, None)
         xp = prepare(x)
         x3, dy3 = as_ncl(xp), as_ncl(dy.contiguous(memory_format=output_memory_format(xp)))
-        dx3, sum_dz, sum_dz_xmu = kernels.select(x3, fused=True).backward_train_ghosts(
+        dx3, sum_dz, sum_dz_xmu = kernels.select(x3, fused=True, any_size=True).backward_train_ghosts(
             dy3, x3, ctx.size, mean, invstd, weight, bias, ctx.act
         )
         dweight = None if not wanted[1] else (sum_dz_xmu * invstd).sum(0).to(weight.dtype)

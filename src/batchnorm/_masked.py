@@ -96,7 +96,7 @@ def _forward_impl(x, valid, count, weight, bias, eps, act):
     """``(y, mean, var, invstd)`` from the backend's masked forward (``valid``: ``(N, L)``)."""
     x = prepare(x)
     x3 = as_ncl(x)
-    backend = kernels.select(x3, fused=True)  # the size rule of fused layers: torch has no masked kernel
+    backend = kernels.select(x3, fused=True, any_size=True)  # torch has no masked kernel: ours at any size
     y3, mean, var, invstd = backend.forward_train_masked(x3, valid, count, weight, bias, eps, act)
     return restore(y3, x), mean, var, invstd
 
@@ -129,7 +129,7 @@ class _MaskedFunction(torch.autograd.Function):
             return dx, None, None, dweight, dbias, None, None
         xp = prepare(x)
         x3, dy3 = as_ncl(xp), as_ncl(dy.contiguous(memory_format=output_memory_format(xp)))
-        dx3, sum_dz, sum_dz_xmu = kernels.select(x3, fused=True).backward_train_masked(
+        dx3, sum_dz, sum_dz_xmu = kernels.select(x3, fused=True, any_size=True).backward_train_masked(
             dy3, x3, valid, ctx.count, mean, invstd, weight, bias, ctx.act
         )
         dweight = None if not wanted[1] else (sum_dz_xmu * invstd).to(weight.dtype)

@@ -53,11 +53,13 @@ def runs_torch_ops(
     fused: bool,
     memory_saving: bool = False,
     training: bool = True,
+    any_size: bool = False,
 ) -> bool:
     """Whether this call runs torch's own ops (``_torch_ops``) rather than our kernels
     (``fused``: with an activation or residual; ``memory_saving``: only our path offers it,
     so only tools and empty batches send it to torch's ops; ``training``: else an eval call,
-    normalized with running statistics)."""
+    normalized with running statistics; ``any_size``: the backends' size rule left out, see
+    ``kernels.select``)."""
     if x.numel() == 0 or tool_needs_torch_ops():
         return True
     if memory_saving:
@@ -71,4 +73,4 @@ def runs_torch_ops(
         return False
     if bias is not None and bias.dtype != x.dtype:
         return False
-    return kernels.automatic(as_ncl(x), fused, training).name == "torch"
+    return kernels.automatic(as_ncl(x), fused, training, any_size).name == "torch"

@@ -8,7 +8,9 @@ to), and against what torch offers for the same job: its batch-norm layer on eac
 ghost and a join (``torch``), and for masks batch norm written in torch ops around the
 mask (``torch``; torch has no masked batch norm); ``torch.compile`` of those. Before
 timing, our outputs and gradients are checked against torch's. The rounds of all
-implementations are interleaved, so a busy machine slows them alike.
+implementations are interleaved, so a busy machine slows them alike, and each round starts
+with the next one, so none always runs after the same one (torch's ways allocate much more
+memory, which costs the call after them page faults).
 """
 
 from __future__ import annotations
@@ -176,10 +178,11 @@ def bench_case(case: SemanticsCase, mode: str, repeats: int, with_compile: bool)
                 if not err <= TOLERANCE * max(1.0, float(want.abs().max())):
                     raise AssertionError(f"{mode} {case.name}: our {what} differs from {name}'s by {err:.3e}")
     times: dict[str, list[float]] = {name: [] for name in impls}
-    for _ in range(repeats):
-        for name, fn in impls.items():
+    names = list(impls)
+    for round_ in range(repeats):  # each round starts with the next implementation: none always follows
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:  # the same (e.g. a big allocator)
             began = time.perf_counter()
-            _step(fn, x, mask, dy)
+            _step(impls[name], x, mask, dy)
             times[name].append(time.perf_counter() - began)
     ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     return SemanticsRow(mode, case.name, ms, max(max(t) / min(t) for t in times.values()))

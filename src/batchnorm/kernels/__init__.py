@@ -115,25 +115,26 @@ def forced_name() -> str | None:
     return _forced.get() or os.environ.get("BATCHNORM_BACKEND") or None
 
 
-def select(x: torch.Tensor, fused: bool = False, training: bool = True) -> Backend:
+def select(x: torch.Tensor, fused: bool = False, training: bool = True, any_size: bool = False) -> Backend:
     """The backend that will run batch norm on ``x`` (``fused``: with an activation or a
     residual add, where a backend's own fused kernels may win on shapes its plain ones lose;
-    ``training``: a training call, else eval's multiply-add)."""
+    ``training``: a training call, else eval's multiply-add; ``any_size``: no size rule, for
+    the calls torch has no kernel of its own for, ghost batches and masks)."""
     name = forced_name()
     if name is not None:
         chosen = get(name)
         return chosen if chosen.supports(x) else get("torch")
-    return automatic(x, fused, training)
+    return automatic(x, fused, training, any_size)
 
 
-def automatic(x: torch.Tensor, fused: bool = False, training: bool = True) -> Backend:
+def automatic(x: torch.Tensor, fused: bool = False, training: bool = True, any_size: bool = False) -> Backend:
     """The automatic choice for ``x``, whatever is forced: the first backend of
     ``AUTOMATIC_ORDER`` that supports and prefers it (``prefers``, or ``prefers_eval`` for
-    an eval call), else ``torch``."""
+    an eval call; with ``any_size``, that supports it), else ``torch``."""
     for candidate in AUTOMATIC_ORDER:
         found = _INSTANCES[candidate] if candidate in _INSTANCES else _load(candidate)
         if found is None or not found.supports(x):
             continue
-        if found.prefers(x, fused) if training else found.prefers_eval(x, fused):
+        if any_size or (found.prefers(x, fused) if training else found.prefers_eval(x, fused)):
             return found
     return _INSTANCES["torch"] if "torch" in _INSTANCES else get("torch")
