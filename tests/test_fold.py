@@ -61,7 +61,7 @@ def test_fold_merges_conv_and_bn_and_keeps_predictions(memory_format):
     assert_close(model(x), expected, 0, 0, "original untouched")
 
 
-def test_fold_keeps_a_fused_activation_and_freezes_what_has_no_conv():
+def test_fold_keeps_a_fused_activation_and_folds_a_bn_after_a_bn_into_the_next_linear():
     model = nn.Sequential(
         nn.Linear(6, 5), batchnorm.BatchNorm1d(5, activation=("leaky_relu", 0.1)),
         batchnorm.BatchNorm1d(5), nn.Linear(5, 2),
@@ -69,8 +69,10 @@ def test_fold_keeps_a_fused_activation_and_freezes_what_has_no_conv():
     model = _trained(model, (16, 6))
     x = torch.randn(7, 6)
     expected = model(x)
-    folded = fold(model)
-    assert sum(isinstance(m, FrozenBatchNorm) for m in folded.modules()) == 1  # the BN after a BN
+    folded, report = fold(model, report=True)
+    assert not any(isinstance(m, (FrozenBatchNorm, nn.modules.batchnorm._BatchNorm)) for m in folded.modules())
+    assert [(e.batch_norm, e.target) for e in report.folded] == [("1", "0"), ("2", "3")]  # the BN after a BN: before
+    assert "leaky_relu kept after it" in report.of("1").reason
     assert_close(folded(x), expected, 1e-5, 1e-5, "folded")
 
 
@@ -103,9 +105,10 @@ def test_fold_of_a_fused_model_keeps_predictions():
     model = _trained(batchnorm.fuse(TinyResNet()), (4, 3, 10, 10))
     x = torch.randn(3, 3, 10, 10)
     expected = model(x)
-    folded = fold(model)
-    # BNs that take a residual stay, frozen; the others fold into their convs
-    assert sum(isinstance(m, FrozenBatchNorm) for m in folded.modules()) == 4
+    folded, report = fold(model, report=True)
+    # BNs that take a residual fold too: the add and activation stay after the conv
+    assert sum(isinstance(m, FrozenBatchNorm) for m in folded.modules()) == 0
+    assert len(report.folded) == 11 and sum("residual add and relu kept" in e.reason for e in report.folded) == 4
     assert_close(folded(x), expected, 1e-4, 1e-4, "folded fused model")
 
 

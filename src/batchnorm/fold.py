@@ -4,8 +4,10 @@ In eval a batch-norm layer is ``y = x * scale + shift`` per channel, with
 ``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale``
 (Ioffe & Szegedy 2015, Algorithm 2). :func:`freeze` replaces each layer by that
 affine map; :func:`fold` goes further and merges it into the convolution or
-linear layer that feeds it (``W' = W * scale``, ``b' = b * scale + shift``), so
-the layer costs nothing at inference. ``freeze`` swaps the layers of the model
+linear layer next to it (after it: ``W' = W * scale``, ``b' = b * scale + shift``;
+before it where that is exact: see ``_fold_rules``), so the layer costs nothing
+at inference, and can report what it folded, froze or left, and why
+(``_fold_report``). ``freeze`` swaps the layers of the model
 it is given (as ``convert`` does); ``fold`` returns a new model and leaves the
 given one untouched (as ``fuse`` does).
 """
@@ -17,16 +19,19 @@ import warnings
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from . import _fx, _torch_ops, activations, functional, modules
-from ._fx import call_counts, trace_or_warn
+from ._fold_graph import BatchNormLayers, Folder
+from ._fold_report import FROZEN, LEFT, FoldEntry, FoldReport
 from .activations import Activation
 from .convert import convert
 
-__all__ = ["FrozenBatchNorm", "fold", "freeze"]
+__all__ = ["FoldEntry", "FoldReport", "FrozenBatchNorm", "fold", "freeze"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# frozen batch norms of other libraries (buffers weight, bias, running_mean, running_var; eps)
+_FROZEN_2D = {"torchvision.ops.misc.FrozenBatchNorm2d", "detectron2.layers.batch_norm.FrozenBatchNorm2d"}
 
 
 class FrozenBatchNorm(nn.Module):
@@ -65,6 +70,10 @@ class FrozenBatchNorm(nn.Module):
 def _affine_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(layer, FrozenBatchNorm):
         return layer.scale, layer.shift
+    if _qualname(type(layer)) in _FROZEN_2D:
+        with torch.no_grad():
+            return functional.inference_affine(layer.running_mean, layer.running_var, layer.weight, layer.bias,
+                                               layer.eps)  # fmt: skip
     if layer.training and not getattr(layer, "freeze_statistics", False):
         raise ValueError(
             f"cannot freeze {type(layer).__name__} in training mode: it normalizes with each batch's statistics; "
@@ -117,78 +126,110 @@ def freeze(model: nn.Module, *, training: bool = False, statistics: bool = True,
     return model
 
 
-def fold(model: nn.Module) -> nn.Module:
-    """Fold each eval-mode (or frozen) batch norm into the conv/linear layer before it; freeze the rest.
+def fold(
+    model: nn.Module, *, report: bool = False, example_inputs: tuple | None = None
+) -> nn.Module | tuple[nn.Module, FoldReport]:
+    """Fold each eval-mode (or frozen) batch norm into an adjacent conv/linear layer; freeze the rest.
 
-    Uses torch.fx: a ``Conv*d``/``Linear`` whose only user is a batch norm (and
-    which is not called elsewhere) absorbs it; a fused activation stays as an
-    activation after the folded layer. Like torch.fx passes and torch's
-    ``fuse_modules``, it returns a new model (an ``fx.GraphModule``; a frozen copy
-    for a model that cannot be traced) and leaves the model you pass untouched.
+    A batch norm folds into the ``Linear``, ``Conv1d/2d/3d`` or ``ConvTranspose1d/2d/3d``
+    (any groups, depthwise included, stride and dilation) that feeds it, or else into the one
+    it feeds where that is exact (see ``docs/inference.md``: not into a zero-padded conv or a
+    strided transposed conv unless the shift is zero). torch's layers, ours (a fused activation
+    and residual add stay after the folded layer), :class:`FrozenBatchNorm` and torchvision's
+    and detectron2's ``FrozenBatchNorm2d`` all fold. A batch norm that cannot fold is frozen
+    into a :class:`FrozenBatchNorm`; one whose computation fold cannot keep (a subclass with a
+    forward of its own, a call with a mask) is left as it is.
+
+    A layer called more than once, or whose parameters are read elsewhere, is folded into a
+    copy for the one call; the folded layers get new parameters, so tensors shared with other
+    layers never change. float16/bfloat16 weights are folded in float32, then cast back.
+
+    Uses torch.fx; like torch.fx passes and torch's ``fuse_modules``, it returns a new model
+    (an ``fx.GraphModule``; a frozen copy for a model that cannot be traced) and leaves the
+    model you pass untouched.
+
+    Args:
+        model: a model in eval mode.
+        report: also return a :class:`FoldReport`: each batch norm, what it was folded into,
+            or why it was frozen or left.
+        example_inputs: inputs to run the model on once (``torch.fx``'s ``ShapeProp``), so fold
+            checks that each batch norm's channel dim is the layer's (only the input's rank can
+            differ: a ``Linear`` applied to ``(N, C, L)`` works on ``L``, not on ``C``). Without
+            them a ``Linear`` next to a ``BatchNorm1d`` is taken to see ``(N, C)`` inputs.
     """
     model = copy.deepcopy(model)
-    traced = trace_or_warn(model, "fold", "freezing its batch-norm layers instead of folding them")
+    done = FoldReport()
+    traced = _trace_or_warn(model)
     if traced is None:
-        return freeze(model)
-    modules = dict(traced.named_modules())
-    calls = call_counts(traced)
-    for node in list(traced.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules.get(node.target), (*_BN_TYPES, FrozenBatchNorm)):
-            continue
-        if len(node.args) != 1 or node.kwargs:  # a fused residual: keep the layer, frozen
-            continue
-        source = node.args[0]
-        if not (
-            isinstance(source, fx.Node)
-            and source.op == "call_module"
-            and isinstance(modules[source.target], _FOLDABLE)
-            and len(source.users) == 1
-            and calls[source.target] == 1
-            and calls[node.target] == 1
-        ):
-            continue
-        bn = modules[node.target]
-        _set(traced, source.target, _folded(modules[source.target], *_affine_of(bn)))
-        act = getattr(bn, "activation", activations.IDENTITY)
-        if act == activations.IDENTITY:
-            node.replace_all_uses_with(source)
-            traced.graph.erase_node(node)
-        else:
-            _set(traced, node.target, _ActivationOnly(act))
-    traced.graph.lint()
-    traced.recompile()
-    traced.delete_all_unused_submodules()
-    return freeze(traced)
+        model = _freeze_untraceable(model, done)
+    else:
+        if example_inputs is not None:
+            ShapeProp(traced).propagate(*example_inputs)
+        Folder(traced, done, _LAYERS).run()
+        model = traced
+    return (model, done) if report else model
+
+
+def _trace_or_warn(model: nn.Module) -> fx.GraphModule | None:
+    try:
+        return fx.GraphModule(model, _FoldTracer().trace(model), type(model).__name__)
+    except _fx.UNTRACEABLE as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(f"batchnorm.fold: torch.fx cannot trace {type(model).__name__}.forward ({reason}); "
+                      "freezing its batch-norm layers instead of folding them", stacklevel=3)  # fmt: skip
+        return None
+
+
+class _FoldTracer(_fx._Tracer):
+    """``_fx``'s tracer, with torchvision's and detectron2's ``FrozenBatchNorm2d`` kept whole too."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _qualname(type(m)) in _FROZEN_2D or super().is_leaf_module(m, module_qualified_name)
+
+
+def _freeze_untraceable(model: nn.Module, done: FoldReport) -> nn.Module:
+    names = [name for name, m in model.named_modules() if _is_batch_norm(m)]
+    model = freeze(model)
+    for name in names:
+        layer = model.get_submodule(name) if name else model
+        action = FROZEN if isinstance(layer, FrozenBatchNorm) else LEFT
+        done.add(name, action, reason="torch.fx cannot trace the model, so nothing is folded")
+    return model
+
+
+def _is_batch_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm)) or _qualname(
+        type(module)) in _FROZEN_2D  # fmt: skip
+
+
+def _why_left(bn: nn.Module, node: fx.Node) -> str:
+    """Why fold must leave this batch-norm call as it is ("" where it can fold or freeze it)."""
+    forward = type(bn).forward
+    computes_as_torch = isinstance(bn, modules._BatchNorm) or forward in (
+        nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)  # fmt: skip
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and not computes_as_torch:
+        return f"it has a forward of its own ({_qualname(type(bn))}.forward): fold cannot know what it computes"
+    if node.kwargs:
+        return f"it is called with {', '.join(node.kwargs)}, which a frozen layer does not take"
+    return ""
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class _ActivationOnly(nn.Module):
+    """``act(x + residual)``: what a batch norm with a fused activation (and residual) leaves once folded."""
+
     def __init__(self, activation: Activation):
         super().__init__()
         self.activation = activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return activations.forward(x, self.activation)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return _torch_ops.activate(x, residual, self.activation.name, self.activation.param, False)
 
     def extra_repr(self) -> str:
         return str(self.activation)
 
 
-def _folded(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
-    """A copy of ``layer`` computing ``layer(x) * scale + shift`` (per output channel)."""
-    new = type(layer).__new__(type(layer))
-    new.__dict__ = layer.__dict__.copy()
-    new._parameters = dict(layer._parameters)
-    new._buffers = dict(layer._buffers)
-    new._modules = dict(layer._modules)
-    weight = layer.weight.detach()
-    with torch.no_grad():
-        shape = [-1] + [1] * (weight.dim() - 1)
-        new.weight = nn.Parameter((weight * scale.to(weight.dtype).view(shape)).to(weight.dtype))
-        bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(shift, dtype=weight.dtype)
-        new.bias = nn.Parameter((bias * scale.to(bias.dtype) + shift.to(bias.dtype)).to(weight.dtype))
-    return new
-
-
-def _set(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent_name, _, name = target.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, name, module)
+_LAYERS = BatchNormLayers(_is_batch_norm, _why_left, _affine_of, FrozenBatchNorm, _ActivationOnly)
