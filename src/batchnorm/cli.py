@@ -18,7 +18,10 @@ from .usage import UsageError
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "demo": ("batchnorm.experiments.demo", "train with and without batch norm and report what it changes"),
+    "demo": (
+        "batchnorm.experiments.demo",
+        "train with and without batch norm, at small batches and on a shifted test set, and report what changes",
+    ),
     "bench": ("batchnorm.benchmark", "time our kernels against torch eager and torch.compile"),
 }
 
