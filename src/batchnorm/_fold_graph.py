@@ -154,8 +154,8 @@ def _rank_mismatch(node: fx.Node, layer: nn.Module) -> str:
     meta = node.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape") or len(meta.shape) == channel_rank(layer):
         return ""
-    return (f"{type(layer).__name__} works on dim {channel_rank(layer) - 1} of its {len(meta.shape)}-d input, "
-            "not on the batch norm's channels (dim 1)")  # fmt: skip
+    return (f"{type(layer).__name__} sees a {len(meta.shape)}-d input: its channels are the batch norm's (dim 1) "
+            f"only for {channel_rank(layer)}-d input")  # fmt: skip
 
 
 def _describe(node) -> str:
