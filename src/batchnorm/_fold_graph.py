@@ -165,6 +165,10 @@ def _describe(node) -> str:
         return f"{node.target} ({type(node.graph.owning_module.get_submodule(node.target)).__name__})"
     if node.op in ("call_function", "call_method"):
         return getattr(node.target, "__name__", str(node.target))
+    if node.op == "placeholder":
+        return f"the model's input {node.target}"
+    if node.op == "output":
+        return "the model's output"
     return f"{node.op} {node.target}"
 
 
