@@ -194,6 +194,38 @@ ACTS = [
 ]
 
 
+def _origins(name: str) -> set[str]:
+    """How the kernels of activation ``name`` used so far in this process were built: "cache"
+    (loaded from Numba's disk cache) or "compiled" (here)."""
+    family = cpu.loops.training(name)
+    found = set()
+    for kernel in vars(family).values():
+        for dispatcher in kernel:
+            if dispatcher.signatures:
+                found.add("cache" if sum(dispatcher.stats.cache_hits.values()) else "compiled")
+    return found
+
+
+def _same_statistics(got, want, act, x):
+    """The fused kernel's statistics against the identity kernel's: bit for bit when both kernels
+    were built alike (both compiled in this process, or both loaded from the cache). A kernel
+    loaded from Numba's cache can round the float32 sums differently from the same kernel
+    compiled in the process (both are exact to rounding), so across the two the statistics are
+    held to the rounding of those sums instead: a few units of x's dtype at x's magnitude for the
+    mean, relative for the variance and invstd."""
+    origins = _origins(act.name) | _origins("identity")
+    if len(origins) == 1:
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w), f"{act}: {g} != {w} (kernels {origins.pop()})"
+        return
+    eps = torch.finfo(x.dtype).eps
+    scale = float(x.abs().max()) if x.numel() else 1.0
+    (mean, var, invstd), (mean_ref, var_ref, invstd_ref) = got, want
+    torch.testing.assert_close(mean, mean_ref, rtol=0, atol=16 * eps * scale)
+    torch.testing.assert_close(var, var_ref, rtol=16 * eps, atol=16 * eps * scale * scale)
+    torch.testing.assert_close(invstd, invstd_ref, rtol=16 * eps, atol=0)
+
+
 def _composed(x, weight, bias, dy, act):
     """The base class's composition of the fused stages (our stages, torch's activation)."""
     y, mean, var, invstd = Backend.forward_train(BACKEND, x, weight, bias, EPS, act)
@@ -214,7 +246,7 @@ def test_fused_activation_stages_match_composition(dtype_tol, shape, layout, act
     weight, bias = params(shape[1], dtype, gen) if affine else (None, None)
     y, mean, var, invstd = BACKEND.forward_train(x, weight, bias, EPS, act)
     (y_ref, mean_ref, var_ref, invstd_ref), (dx_ref, s1_ref, s2_ref) = _composed(x, weight, bias, dy, act)
-    assert torch.equal(mean, mean_ref) and torch.equal(var, var_ref) and torch.equal(invstd, invstd_ref)
+    _same_statistics((mean, var, invstd), (mean_ref, var_ref, invstd_ref), act, x)
     scale = max(1.0, float(y_ref.abs().max()))
     check("y", y, y_ref, rtol, atol, scale=scale)
     if layout != "strided":

@@ -109,7 +109,9 @@ _EXPF_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2
 
 
 # ``exp_of`` is inlined into the kernels in Numba's IR (so a kernel's other loops compile as
-# they do without it: the statistics stay bit for bit those of the identity's kernel). Its
+# they do without it: the statistics stay bit for bit those of the identity's kernel built the
+# same way; a kernel loaded from Numba's disk cache may round its float32 sums differently
+# from one compiled in the running process, within the sums' rounding). Its
 # branches then trip a pedantic check of Numba's SSA pass about the variables it renamed
 # itself, a warning about Numba's bookkeeping, not the code (tests check every value).
 warnings.filterwarnings("ignore", message=r"variable '_exp_of__locals__expf", category=NumbaIRAssumptionWarning)
