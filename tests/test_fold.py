@@ -155,3 +155,24 @@ def test_a_bug_in_forward_is_not_taken_for_untraceable_python():
 
     with pytest.raises(ZeroDivisionError):
         fold(Broken().eval())
+
+
+def test_freeze_and_fold_leave_a_batch_norm_with_its_own_forward_as_it_is():
+    """timm's BatchNormAct2d applies an activation in its own forward: freezing it to the eval
+    map alone would drop the activation silently. freeze leaves it (and says so), and so does fold."""
+    timm = pytest.importorskip("timm")
+    norm_act = timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU)
+    model = _trained(nn.Sequential(nn.Conv2d(3, 4, 3), norm_act, nn.Conv2d(4, 2, 1)), (4, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    bn = model[1]
+    without_act = nn.functional.batch_norm(model[0](x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False)
+    assert (model[2](without_act) - expected).abs().max() > 1e-3  # the activation matters here
+    with pytest.warns(UserWarning, match=r"left 1 layer\(s\) with a forward of their own.*BatchNormAct2d"):
+        frozen = freeze(copy.deepcopy(model))
+    assert isinstance(frozen[1], timm.layers.BatchNormAct2d)
+    assert_close(frozen(x), expected, 1e-6, 1e-6, "frozen")
+    folded, done = fold(model, report=True)
+    assert_close(folded(x), expected, 1e-5, 1e-5, "folded")
+    assert any(isinstance(m, timm.layers.BatchNormAct2d) for m in folded.modules())
+    assert done.of("1").action == "left" and "forward of its own" in done.of("1").reason

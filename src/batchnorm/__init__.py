@@ -14,7 +14,7 @@ population statistics computed exactly, ``adapt`` for test-time adaptation
 from . import functional, quantization, reference
 from .adaptation import adapt
 from .convert import convert
-from .fold import FrozenBatchNorm, fold, freeze
+from .fold import FoldReport, FrozenBatchNorm, fold, freeze
 from .fuse import fuse
 from .kernels import backend
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -24,7 +24,7 @@ from .sync import SyncBatchNorm
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
-    "FrozenBatchNorm", "SyncBatchNorm", "accumulate", "adapt", "backend",
+    "FoldReport", "FrozenBatchNorm", "SyncBatchNorm", "accumulate", "adapt", "backend",
     "convert", "fold", "freeze", "functional", "fuse", "precise_statistics", "quantization", "reference",
 ]  # fmt: skip
 __version__ = "0.1.0"

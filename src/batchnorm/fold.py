@@ -105,10 +105,11 @@ def freeze(model: nn.Module, *, training: bool = False, statistics: bool = True,
         if not (statistics and affine):
             raise ValueError("freeze for inference freezes statistics and affine both; for fine-tuning with "
                              "either left to learn, pass training=True")  # fmt: skip
-        if isinstance(model, _BN_TYPES):
-            return FrozenBatchNorm.from_batch_norm(model)
-        for name, child in model.named_children():
-            setattr(model, name, freeze(child))
+        left: list[str] = []
+        model = _frozen_for_inference(model, "", left)
+        if left:
+            warnings.warn(f"batchnorm.freeze left {len(left)} layer(s) with a forward of their own as they are (it "
+                          f"cannot know what they compute): {', '.join(left)}", stacklevel=2)  # fmt: skip
         return model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # what convert leaves is frozen below if it is ours, else said here
@@ -123,6 +124,20 @@ def freeze(model: nn.Module, *, training: bool = False, statistics: bool = True,
                                  "statistics")  # fmt: skip
             layer.freeze_statistics = statistics
             layer.freeze_affine = affine
+    return model
+
+
+def _frozen_for_inference(model: nn.Module, name: str, left: list[str]) -> nn.Module:
+    """``model`` with each batch-norm layer that computes as torch's replaced by a
+    :class:`FrozenBatchNorm`; the names of those with a forward of their own (timm's
+    ``BatchNormAct2d``: an activation after the norm) are added to ``left``, and they stay."""
+    if isinstance(model, _BN_TYPES):
+        if _computes_as_torch(model):
+            return FrozenBatchNorm.from_batch_norm(model)
+        left.append(f"{name or '<model>'} ({_qualname(type(model))})")
+        return model
+    for child_name, child in model.named_children():
+        setattr(model, child_name, _frozen_for_inference(child, f"{name}.{child_name}" if name else child_name, left))
     return model
 
 
@@ -204,14 +219,18 @@ def _is_batch_norm(module: nn.Module) -> bool:
 
 def _why_left(bn: nn.Module, node: fx.Node) -> str:
     """Why fold must leave this batch-norm call as it is ("" where it can fold or freeze it)."""
-    forward = type(bn).forward
-    computes_as_torch = isinstance(bn, modules._BatchNorm) or forward in (
-        nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)  # fmt: skip
-    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and not computes_as_torch:
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and not _computes_as_torch(bn):
         return f"it has a forward of its own ({_qualname(type(bn))}.forward): fold cannot know what it computes"
     if node.kwargs:
         return f"it is called with {', '.join(node.kwargs)}, which a frozen layer does not take"
     return ""
+
+
+def _computes_as_torch(bn: nn.Module) -> bool:
+    """Whether a batch-norm layer computes what its eval map says: ours, or torch's forward."""
+    forward = type(bn).forward
+    return isinstance(bn, modules._BatchNorm) or forward in (
+        nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)  # fmt: skip
 
 
 def _qualname(cls: type) -> str:
