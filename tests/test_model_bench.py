@@ -54,12 +54,13 @@ def test_without_norm_keeps_a_fused_layers_residual_add_and_activation():
 
 
 @pytest.mark.parametrize("mode", ["model-train", "model-eval"])
-def test_each_variant_is_timed_against_torch_with_its_batch_norm_share(mode):
-    rows = model_bench.bench_model("resnet18", mode, batch=2, size=32, repeats=2)
+@pytest.mark.parametrize("model", ["resnet18", "tiny-resnet"])
+def test_each_variant_is_timed_against_torch_with_its_batch_norm_share(mode, model):
+    rows = model_bench.bench_model(model, mode, batch=2, size=32, repeats=2)
     expected = model_bench.EVAL_VARIANTS if mode == "model-eval" else model_bench.TRAIN_VARIANTS
     assert [r.variant for r in rows] == list(expected)
     for r in rows:
-        assert r.model == "resnet18" and r.mode == mode and r.ms > 0 and r.no_bn_ms > 0
+        assert r.model == model and r.mode == mode and r.ms > 0 and r.no_bn_ms > 0
         assert r.vs_torch == pytest.approx(r.torch_ms / r.ms) and 0.0 <= r.bn_share < 1.0
     assert rows[0].vs_torch == 1.0
 
@@ -98,7 +99,7 @@ def test_bench_runs_the_model_modes_alone_and_writes_them(tmp_path, capsys):
     assert benchmark.run(args) == 0
     printed = capsys.readouterr().out
     assert "| case |" not in printed  # no layer table
-    assert "### Whole models: torchvision ResNets, batch 2, 3x32x32" in printed
+    assert "### Whole models: ResNets, batch 2, 3x32x32" in printed
     for variant in model_bench.EVAL_VARIANTS:
         assert f"| resnet18 | model-eval | {variant} |" in printed
     table = (tmp_path / "results.md").read_text()

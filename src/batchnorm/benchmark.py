@@ -47,7 +47,7 @@ import argparse
 import math
 from dataclasses import dataclass, field
 
-from .cases import MODELS, QUICK, Case, shrink
+from .cases import MODELS, OWN_MODELS, QUICK, Case, shrink
 from .cases import cases as case_table
 from .usage import UsageError
 
@@ -114,7 +114,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None,
                         help="batch of the ResNet-50 cases (default 32, cuda 256) and models (default 16)")  # fmt: skip
     parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"model modes: comma-separated subset of {','.join(MODELS)} (torchvision's)")  # fmt: skip
+                        help=f"model modes: comma-separated subset of {','.join(MODELS)} (torchvision's; the "
+                        f"default) and {','.join(OWN_MODELS)} (ResNet-style, without torchvision)")  # fmt: skip
     parser.add_argument("--image-size", type=int, default=112, help="model modes: input height and width (default 112)")
     parser.add_argument("--quick", action="store_true", help="a few small cases, few repeats: seconds, for tests")
     parser.add_argument("--dry-run", action="store_true",
@@ -374,8 +375,8 @@ def parse_models(text: str) -> list[str]:
     if not names:
         raise UsageError("--models: no model named")
     for name in names:
-        if name not in MODELS:
-            raise UsageError(f"--models: unknown model {name!r}; expected some of {', '.join(MODELS)}")
+        if name not in MODELS + OWN_MODELS:
+            raise UsageError(f"--models: unknown model {name!r}; expected some of {', '.join(MODELS + OWN_MODELS)}")
     return names
 
 

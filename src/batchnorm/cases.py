@@ -45,7 +45,8 @@ SMALL = (  # (shape, channels-last)
     ((32, 64), False),
     ((4, 32, 16, 16), True),
 )
-MODELS = ("resnet18", "resnet50")  # torchvision's, for the whole-model modes of batchnorm bench
+MODELS = ("resnet18", "resnet50")  # torchvision's, for the whole-model modes of batchnorm bench (the default)
+OWN_MODELS = ("tiny-resnet",)  # batchnorm.experiments' ResNet-style net: no torchvision needed
 QUICK = ("small-8x16x8x8", "small-32x64", "small-4x32x16x16-nhwc", "r50-2048x7-nhwc")  # seconds, for tests
 SHRUNK_NUMEL = 50_000  # what shrink() makes of a case, at most
 

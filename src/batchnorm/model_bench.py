@@ -1,11 +1,14 @@
 """The whole-model modes of ``batchnorm bench``: what a user feels after converting a model.
 
 ``model-train`` times a whole training step (forward, cross-entropy loss, backward,
-SGD with momentum) of torchvision's ResNets; ``model-eval`` times an eval forward.
-Each model runs as torch builds it (``torch``), after ``batchnorm.convert``
-(``convert``), after ``batchnorm.fuse(batchnorm.convert(model))`` (``fuse``) and,
-in eval, after ``batchnorm.fold`` (``fold``), all from the same weights; the
-variants' rounds are interleaved, so a busy machine slows all of them alike.
+SGD with momentum) of torchvision's ResNets (or ``tiny-resnet``, the ResNet-style net of
+``batchnorm.experiments``, which needs no torchvision); ``model-eval`` times an eval
+forward, the inference comparison. Each model runs as torch builds it (``torch``), after
+``batchnorm.convert`` (``convert``), after ``batchnorm.fuse(batchnorm.convert(model))``
+(``fuse``) and, in eval, with every batch norm frozen to its multiply-add
+(``batchnorm.freeze``: ``freeze``) and folded away (``batchnorm.fold``: ``fold``), all
+from the same weights; the variants' rounds are interleaved, so a busy machine slows
+all of them alike.
 
 Batch norm's share of the time is measured by ablation: the same model with every
 batch-norm layer replaced by what it leaves when the normalization is taken out
@@ -30,7 +33,7 @@ from . import _torchvision, activations
 from .usage import UsageError
 
 TRAIN_VARIANTS = ("torch", "convert", "fuse")
-EVAL_VARIANTS = ("torch", "convert", "fuse", "fold")
+EVAL_VARIANTS = ("torch", "convert", "fuse", "freeze", "fold")
 TARGET_TRAIN = {"resnet50": 1.3}  # fuse vs torch, training step
 TOLERANCE = 1e-3  # logits, relative to their largest magnitude
 
@@ -79,6 +82,11 @@ def without_norm(model: nn.Module) -> nn.Module:
 
 
 def build(name: str) -> nn.Module:
+    if name == "tiny-resnet":
+        from .experiments.resnet import TinyResNet
+
+        torch.manual_seed(0)
+        return TinyResNet(classes=1000)
     try:
         torchvision = _torchvision.load()
     except ImportError:
@@ -95,6 +103,7 @@ def variants(model: nn.Module, mode: str) -> dict[str, nn.Module]:
     out = {"torch": model, "convert": batchnorm.convert(copy.deepcopy(model))}
     out["fuse"] = batchnorm.fuse(batchnorm.convert(copy.deepcopy(model)))
     if mode == "model-eval":
+        out["freeze"] = batchnorm.freeze(copy.deepcopy(model).eval())
         out["fold"] = batchnorm.fold(batchnorm.convert(copy.deepcopy(model)).eval())
     out["no-BN"] = without_norm(model)
     for m in out.values():
@@ -161,7 +170,7 @@ def bench_model(name: str, mode: str, batch: int, size: int, repeats: int) -> li
 
 def header(batch: int, size: int, repeats: int) -> list[str]:
     return [
-        f"### Whole models: torchvision ResNets, batch {batch}, 3x{size}x{size}, float32, "
+        f"### Whole models: ResNets, batch {batch}, 3x{size}x{size}, float32, "
         f"{torch.get_num_threads()} threads (medians of {repeats} rounds)",
         "",
         "model-train: forward, cross-entropy, backward, SGD step; model-eval: forward under no_grad. "
