@@ -23,6 +23,7 @@ SUBCOMMANDS = {
         "train with and without batch norm, at small batches and on a shifted test set, and report what changes",
     ),
     "bench": ("batchnorm.benchmark", "time our kernels against torch eager and torch.compile"),
+    "fold": ("batchnorm.fold_command", "fold the batch norms of a saved torch.export program (.pt2) away"),
 }
 
 
