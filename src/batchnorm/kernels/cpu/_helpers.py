@@ -297,6 +297,18 @@ def nlc_shifted_sums(x, r0, r1, shift, acc):
 
 
 @helper
+def parts_merged(part, first, count, c):
+    """Channel c's two sums, added over the ``count`` row blocks from ``first`` of ``part[block,
+    0 | 1, c]`` (the nlc kernels' partial sums)."""
+    s1 = 0.0
+    s2 = 0.0
+    for s in range(first, first + count):
+        s1 += part[s, 0, c]
+        s2 += part[s, 1, c]
+    return s1, s2
+
+
+@helper
 def merged(part, c, splits):
     """Channel c's two sums, added over its ``splits`` parts (``part[c * splits + s]``)."""
     s1 = 0.0
@@ -346,6 +358,28 @@ def grad_coefficients(s1, s2, count, w, invstd):
     istd = np.float64(invstd)
     k = np.float64(w) * istd  # exact for float32; rounded, it is the ``SCALE`` column
     return -k * istd * istd * s2 / count, -k * s1 / count
+
+
+@helper
+def block_coefficients(x, mean, invstd, w, b, c0, c1):
+    """``coef`` rows (x's dtype) of channels c0..c1 for a backward: ``MEAN``, ``SCALE``, ``SHIFT``
+    set from the per-channel ``mean``, ``invstd``, ``w``, ``b``; ``A``, ``B`` by
+    :func:`finish_block_grads`."""
+    coef = np.empty((c1 - c0, 5), dtype=x.dtype)  # block of C: MEAN, SCALE, SHIFT, A, B
+    for c in range(c0, c1):
+        coef[c - c0, MEAN], coef[c - c0, SCALE], coef[c - c0, SHIFT] = mean[c], w[c] * invstd[c], b[c]
+    return coef
+
+
+@helper
+def finish_block_grads(acc, c0, c1, count, w, invstd, sums, coef):
+    """Channels c0..c1: their float64 sums ``acc[c - c0]`` stored into ``sums = (sum_dz,
+    sum_dz_xmu)``, and ``dx``'s coefficients ``A``, ``B`` into ``coef``, over ``count`` values."""
+    sum_dy, sum_dy_xmu = sums
+    for c in range(c0, c1):
+        s1, s2 = acc[c - c0, 0], acc[c - c0, 1]
+        sum_dy[c], sum_dy_xmu[c] = s1, s2
+        coef[c - c0, A], coef[c - c0, B] = grad_coefficients(s1, s2, count, w[c], invstd[c])
 
 
 # --- compiling ---

@@ -95,6 +95,18 @@ def _slope(act: Activation, dtype: torch.dtype) -> np.generic:
     return _scalar(act.negative_slope if act.keeps_mask else act.param, dtype)
 
 
+def _forward_scalars(weight, bias, eps: float, act: Activation, x: Tensor) -> tuple:
+    """``(w, b, eps, slope)`` as the training forward kernels take them, in x's dtype."""
+    c = x.shape[1]
+    return _vec(weight, c, x.dtype, 1.0), _vec(bias, c, x.dtype, 0.0), _scalar(eps, x.dtype), _slope(act, x.dtype)
+
+
+def _channel_vectors(mean, invstd, weight, bias, c: int, dtype: torch.dtype) -> tuple[np.ndarray, ...]:
+    """``(mean, invstd, w, b)`` as the backward kernels take them (``chan``)."""
+    defaults = ((mean, 0.0), (invstd, 1.0), (weight, 1.0), (bias, 0.0))
+    return tuple(_vec(v, c, dtype, fill) for v, fill in defaults)
+
+
 def _zero_width_mask(x: np.ndarray) -> np.ndarray:
     """The mask argument of the residual forward when no mask is kept: rows of no bytes."""
     return np.empty((*x.shape[:-1], 0), dtype=np.uint8)
@@ -195,8 +207,7 @@ class NumbaBackend(Backend):
         layout, x = _layout(x)
         y = empty_like(x) if write_y else x
         xa, ya = _view(x, layout), _view(y, layout)
-        w, b = _vec(weight, c, x.dtype, 1.0), _vec(bias, c, x.dtype, 0.0)
-        ex, slope = _scalar(eps, x.dtype), _slope(act, x.dtype)
+        w, b, ex, slope = _forward_scalars(weight, bias, eps, act, x)
         out = (mean.numpy(), var.numpy(), invstd.numpy())
         kernels = loops.training(act.name)
         if layout == "ncl":
@@ -299,12 +310,7 @@ class NumbaBackend(Backend):
         dy = _like(dy.to(dtype), layout)
         dx = empty_like(x) if mode != 0 else x
         xa, ga, dxa = _view(x, layout), _view(dy, layout), _view(dx, layout)
-        chan = (
-            _vec(mean, c, dtype, 0.0),
-            _vec(invstd, c, dtype, 1.0),
-            _vec(weight, c, dtype, 1.0),
-            _vec(bias, c, dtype, 0.0),
-        )
+        chan = _channel_vectors(mean, invstd, weight, bias, c, dtype)
         slope, total = _slope(act, dtype), int(count_of(x, count))
         kernels = loops.training(act.name)
         if layout == "ncl":
@@ -335,8 +341,7 @@ class NumbaBackend(Backend):
         y = empty_like(x)
         mean, var, invstd = (torch.empty(ghosts, c, dtype=x.dtype) for _ in range(3))
         xa, ya = _view(x, layout), _view(y, layout)
-        w, b = _vec(weight, c, x.dtype, 1.0), _vec(bias, c, x.dtype, 0.0)
-        ex, slope = _scalar(eps, x.dtype), _slope(act, x.dtype)
+        w, b, ex, slope = _forward_scalars(weight, bias, eps, act, x)
         out = (mean.numpy(), var.numpy(), invstd.numpy())
         kernels = ghost_loops.training(act.name)
         if layout == "ncl":
@@ -417,8 +422,7 @@ class NumbaBackend(Backend):
         mean, var, invstd = _channel_outputs(c, x.dtype, 3)
         offsets, runs = masked_loops.valid_runs(valid.contiguous().numpy())
         xa, ya = _view(x, layout), _view(y, layout)
-        w, b = _vec(weight, c, x.dtype, 1.0), _vec(bias, c, x.dtype, 0.0)
-        ex, slope = _scalar(eps, x.dtype), _slope(act, x.dtype)
+        w, b, ex, slope = _forward_scalars(weight, bias, eps, act, x)
         out = (mean.numpy(), var.numpy(), invstd.numpy())
         kernels = masked_loops.training(act.name)
         if layout == "ncl" and masked_loops.mean_run(offsets, runs) < MASKED_RUN_MIN:
@@ -465,12 +469,7 @@ class NumbaBackend(Backend):
         sum_dz, sum_dz_xmu = _channel_outputs(c, dtype, 2)
         offsets, runs = masked_loops.valid_runs(valid.contiguous().numpy())
         xa, ga, dxa = _view(x, layout), _view(dy, layout), _view(dx, layout)
-        chan = (
-            _vec(mean, c, dtype, 0.0),
-            _vec(invstd, c, dtype, 1.0),
-            _vec(weight, c, dtype, 1.0),
-            _vec(bias, c, dtype, 0.0),
-        )
+        chan = _channel_vectors(mean, invstd, weight, bias, c, dtype)
         slope, sa = _slope(act, dtype), (sum_dz.numpy(), sum_dz_xmu.numpy())
         kernels = masked_loops.training(act.name)
         if layout == "ncl" and masked_loops.mean_run(offsets, runs) < MASKED_RUN_MIN:
@@ -511,8 +510,7 @@ class NumbaBackend(Backend):
         mask = sign_mask.empty(x) if act.keeps_mask else None
         xa, ra, ya = _view(x, layout), _view(residual, layout), _view(y, layout)
         mka = mask.numpy() if mask is not None else _zero_width_mask(xa)
-        w, b = _vec(weight, c, x.dtype, 1.0), _vec(bias, c, x.dtype, 0.0)
-        ex, slope = _scalar(eps, x.dtype), _slope(act, x.dtype)
+        w, b, ex, slope = _forward_scalars(weight, bias, eps, act, x)
         out = (mean.numpy(), var.numpy(), invstd.numpy())
         kernels = residual_loops.forward(act.name)
         if layout == "ncl":

@@ -25,12 +25,15 @@ from ._helpers import (
     SHIFT,
     A,
     B,
+    block_coefficients,
+    finish_block_grads,
     finish_stats,
     grad_coefficients,
     helper,
     kernel_family,
     ncl_block_sums,
     nlc_shifted_sums,
+    parts_merged,
     rows,
 )
 
@@ -86,19 +89,14 @@ def ncl_backward_ghosts(dy, x, size, chan, slope, block, dx, sums):
         xg = x[n0:n1]  # ghost,C,L
         gg = dy[n0:n1]  # ghost,C,L
         dxg = dx[n0:n1]  # ghost,C,L
-        coef = np.empty((c1 - c0, 5), dtype=x.dtype)  # block of C: MEAN, SCALE, SHIFT, A, B
+        coef = block_coefficients(x, mean[g], invstd[g], w, b, c0, c1)
         acc = np.zeros((c1 - c0, 2))  # block of C: sums
-        for c in range(c0, c1):
-            coef[c - c0, MEAN], coef[c - c0, SCALE], coef[c - c0, SHIFT] = mean[g, c], w[c] * invstd[g, c], b[c]
         for i in range(n1 - n0):
             for c in range(c0, c1):
                 s1, s2 = _run_grad_sums(gg[i, c], xg[i, c], coef[c - c0], slope)
                 acc[c - c0, 0] += s1
                 acc[c - c0, 1] += s2
-        for c in range(c0, c1):
-            s1, s2 = acc[c - c0, 0], acc[c - c0, 1]
-            sum_dy[g, c], sum_dy_xmu[g, c] = s1, s2
-            coef[c - c0, A], coef[c - c0, B] = grad_coefficients(s1, s2, (n1 - n0) * L, w[c], invstd[g, c])
+        finish_block_grads(acc, c0, c1, (n1 - n0) * L, w, invstd[g], (sum_dy[g], sum_dy_xmu[g]), coef)
         for i in range(n1 - n0):
             for c in range(c0, c1):
                 _run_grad_input(gg[i, c], xg[i, c], dxg[i, c], coef[c - c0], slope)
@@ -131,11 +129,7 @@ def nlc_forward_ghosts(x, ghost_rows, w, b, eps, slope, splits, y, out):
     for g in range(G):
         count = min(R, (g + 1) * ghost_rows) - g * ghost_rows
         for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            for s in range(splits):
-                s1 += part[g * splits + s, 0, c]
-                s2 += part[g * splits + s, 1, c]
+            s1, s2 = parts_merged(part, g * splits, splits, c)
             m, istd = finish_stats(s1, s2, count, shift[g, c], eps, (mean[g], var[g], invstd[g]), c)
             coef[g, MEAN, c], coef[g, SCALE, c], coef[g, SHIFT, c] = m, w[c] * istd, b[c]
     for item in prange(G * splits):
@@ -161,11 +155,7 @@ def nlc_backward_ghosts(dy, x, ghost_rows, chan, slope, splits, dx, sums):
     for g in range(G):
         count = min(R, (g + 1) * ghost_rows) - g * ghost_rows
         for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            for s in range(splits):
-                s1 += part[g * splits + s, 0, c]
-                s2 += part[g * splits + s, 1, c]
+            s1, s2 = parts_merged(part, g * splits, splits, c)
             sum_dy[g, c], sum_dy_xmu[g, c] = s1, s2
             coef[g, A, c], coef[g, B, c] = grad_coefficients(s1, s2, count, w[c], invstd[g, c])
     for item in prange(G * splits):

@@ -37,6 +37,7 @@ from ._helpers import (
     ncl_block_sums,
     ncl_sums,
     nlc_shifted_sums,
+    parts_merged,
     rows,
     zero_of,
 )
@@ -291,11 +292,7 @@ def nlc_forward(x, w, b, eps, slope, splits, write_y, y, out):
         nlc_shifted_sums(x, r0, r1, shift, part[s])
     coef = np.empty((3, C), dtype=x.dtype)  # MEAN, SCALE, SHIFT
     for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for s in range(splits):
-            s1 += part[s, 0, c]
-            s2 += part[s, 1, c]
+        s1, s2 = parts_merged(part, 0, splits, c)
         m, istd = finish_stats(s1, s2, R, shift[c], eps, out, c)
         coef[MEAN, c], coef[SCALE, c], coef[SHIFT, c] = m, w[c] * istd, b[c]
     if write_y:
@@ -319,12 +316,7 @@ def nlc_backward(dy, x, chan, slope, count, splits, mode, dx, sums):
             r0, r1 = rows(s, splits, R)
             _nlc_grad_sums(dy, x, r0, r1, coef, slope, part[s])
         for c in range(C):
-            s1 = 0.0
-            s2 = 0.0
-            for s in range(splits):
-                s1 += part[s, 0, c]
-                s2 += part[s, 1, c]
-            sum_dy[c], sum_dy_xmu[c] = s1, s2
+            sum_dy[c], sum_dy_xmu[c] = parts_merged(part, 0, splits, c)
     if mode == 0:
         return
     for c in range(C):

@@ -29,11 +29,14 @@ from ._helpers import (
     SHIFT,
     A,
     B,
+    block_coefficients,
+    finish_block_grads,
     finish_stats,
     grad_coefficients,
     helper,
     kernel_family,
     nlc_shifted_sums,
+    parts_merged,
     rows,
     run_sums,
     zero_of,
@@ -128,14 +131,11 @@ def ncl_backward_masked(dy, x, offsets, runs, count, chan, slope, block, dx, sum
     invstd, w, b)``), then ``dx`` on the runs and 0 in the gaps."""
     N, C, _ = x.shape
     mean, invstd, w, b = chan
-    sum_dy, sum_dy_xmu = sums
     for blk in prange((C + block - 1) // block):
         c0 = blk * block
         c1 = min(C, c0 + block)
-        coef = np.empty((c1 - c0, 5), dtype=x.dtype)  # block of C: MEAN, SCALE, SHIFT, A, B
+        coef = block_coefficients(x, mean, invstd, w, b, c0, c1)
         acc = np.zeros((c1 - c0, 2))  # block of C: sums
-        for c in range(c0, c1):
-            coef[c - c0, MEAN], coef[c - c0, SCALE], coef[c - c0, SHIFT] = mean[c], w[c] * invstd[c], b[c]
         for n in range(N):
             for c in range(c0, c1):
                 for k in range(offsets[n], offsets[n + 1]):
@@ -143,10 +143,7 @@ def ncl_backward_masked(dy, x, offsets, runs, count, chan, slope, block, dx, sum
                     s1, s2 = _run_grad_sums(dy[n, c, lo:hi], x[n, c, lo:hi], coef[c - c0], slope)
                     acc[c - c0, 0] += s1
                     acc[c - c0, 1] += s2
-        for c in range(c0, c1):
-            s1, s2 = acc[c - c0, 0], acc[c - c0, 1]
-            sum_dy[c], sum_dy_xmu[c] = s1, s2
-            coef[c - c0, A], coef[c - c0, B] = grad_coefficients(s1, s2, count, w[c], invstd[c])
+        finish_block_grads(acc, c0, c1, count, w, invstd, sums, coef)
         for n in range(N):
             for c in range(c0, c1):
                 out = dx[n, c]  # L
@@ -253,23 +250,17 @@ def ncl_backward_selected(dy, x, valid, count, chan, slope, block, dx, sums):
     """:func:`ncl_backward_masked` on whole rows, ``valid[N, L]`` read as a select per value."""
     N, C, _ = x.shape
     mean, invstd, w, b = chan
-    sum_dy, sum_dy_xmu = sums
     for blk in prange((C + block - 1) // block):
         c0 = blk * block
         c1 = min(C, c0 + block)
-        coef = np.empty((c1 - c0, 5), dtype=x.dtype)  # block of C: MEAN, SCALE, SHIFT, A, B
+        coef = block_coefficients(x, mean, invstd, w, b, c0, c1)
         acc = np.zeros((c1 - c0, 2))  # block of C: sums
-        for c in range(c0, c1):
-            coef[c - c0, MEAN], coef[c - c0, SCALE], coef[c - c0, SHIFT] = mean[c], w[c] * invstd[c], b[c]
         for n in range(N):
             for c in range(c0, c1):
                 s1, s2 = _selected_grad_sums(dy[n, c], x[n, c], valid[n], coef[c - c0], slope)
                 acc[c - c0, 0] += s1
                 acc[c - c0, 1] += s2
-        for c in range(c0, c1):
-            s1, s2 = acc[c - c0, 0], acc[c - c0, 1]
-            sum_dy[c], sum_dy_xmu[c] = s1, s2
-            coef[c - c0, A], coef[c - c0, B] = grad_coefficients(s1, s2, count, w[c], invstd[c])
+        finish_block_grads(acc, c0, c1, count, w, invstd, sums, coef)
         for n in range(N):
             for c in range(c0, c1):
                 _selected_grad_input(dy[n, c], x[n, c], valid[n], dx[n, c], coef[c - c0], slope)
@@ -292,11 +283,7 @@ def nlc_forward_masked(x, L, offsets, runs, count, w, b, eps, slope, splits, y, 
                 nlc_shifted_sums(x, n * L + runs[k, 0], n * L + runs[k, 1], shift, part[s])
     coef = np.empty((3, C), dtype=x.dtype)  # MEAN, SCALE, SHIFT
     for c in range(C):
-        t1 = 0.0
-        t2 = 0.0
-        for s in range(splits):
-            t1 += part[s, 0, c]
-            t2 += part[s, 1, c]
+        t1, t2 = parts_merged(part, 0, splits, c)
         m, istd = finish_stats(t1, t2, count, shift[c], eps, out, c)
         coef[MEAN, c], coef[SCALE, c], coef[SHIFT, c] = m, w[c] * istd, b[c]
     for s in prange(splits):
@@ -327,11 +314,7 @@ def nlc_backward_masked(dy, x, L, offsets, runs, count, chan, slope, splits, dx,
             for k in range(offsets[n], offsets[n + 1]):
                 _nlc_grad_sums(dy, x, n * L + runs[k, 0], n * L + runs[k, 1], coef, slope, part[s])
     for c in range(C):
-        t1 = 0.0
-        t2 = 0.0
-        for s in range(splits):
-            t1 += part[s, 0, c]
-            t2 += part[s, 1, c]
+        t1, t2 = parts_merged(part, 0, splits, c)
         sum_dy[c], sum_dy_xmu[c] = t1, t2
         coef[A, c], coef[B, c] = grad_coefficients(t1, t2, count, w[c], invstd[c])
     for s in prange(splits):
