@@ -57,7 +57,8 @@ def test_version():
     [(("--repeats", "0"), "--repeats must be a positive integer, got 0"),
      (("--threads", "-1"), "--threads must be a positive integer, got -1"),
      (("--modes", "train,fast"), "--modes: unknown mode 'train'; expected some of train-fwd, train-fwdbwd, eval, "
-                                 "fused-relu, fused-elu, fused-silu, fused-add-relu, model-train, model-eval"),
+                                 "fused-relu, fused-elu, fused-silu, fused-add-relu, model-train, model-eval, "
+                                 "ghost, masked"),
      (("--cases", "r99"), "--cases: no case matches 'r99'")],
 )  # fmt: skip
 def test_bench_refuses_bad_options_before_any_work(args, message):
