@@ -5,6 +5,11 @@ layers' inputs over training (per-feature mean and std, percentiles of one unit,
 drift from record to record; Ioffe & Szegedy 2015, Figure 1), and
 :func:`gradient_ics` measures the *gradient* change a layer sees when the layers
 before it take their step (Santurkar et al. 2018, Definition 2.1).
+
+And what Santurkar et al. found batch norm changes instead, the smoothness of the loss
+(their Figure 4): :func:`loss_landscape` probes the loss and its gradient along the
+gradient from the current parameters (the range of the loss, the gradient's change, the
+effective beta-smoothness).
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from torch import nn
 
 Tensor = torch.Tensor
 
-__all__ = ["InputRecorder", "LayerHistory", "LayerICS", "gradient_ics", "plot_ics", "plot_percentiles"]
+__all__ = [
+    "InputRecorder", "LandscapeProbe", "LayerHistory", "LayerICS", "gradient_ics", "loss_landscape", "plot_ics",
+    "plot_percentiles",
+]  # fmt: skip
 
 
 @dataclass
@@ -246,20 +254,12 @@ def gradient_ics(
         if not isinstance(weight, nn.Parameter) or id(weight) not in position:
             raise ValueError(f"layer {name!r} has no trainable weight among the model's parameters")
 
-    saved_params = [p.detach().clone() for p in params]
-    saved_buffers = [b.detach().clone() for b in model.buffers()]
-
-    def restore_buffers() -> None:
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), saved_buffers, strict=True):
-                b.copy_(saved)
+    snapshot = _Snapshot(model, params)
 
     def gradients() -> tuple[Tensor, ...]:
-        loss = loss_fn(model(inputs), targets)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        restore_buffers()  # a training-mode forward moved the running statistics
-        return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True))
+        return _loss_and_gradients(model, loss_fn, inputs, targets, params, snapshot)[1]
 
+    saved_params = snapshot.params
     try:
         g_now = gradients()
         if next_params is None:
@@ -280,10 +280,111 @@ def gradient_ics(
             results.append(_compare(name, g, g_shift))
         return results
     finally:
+        snapshot.restore()
+
+
+class _Snapshot:
+    """A model's parameters ``params`` and buffers as they are now, to put back after probing."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
+        self.model, self.live = model, params
+        self.params = [p.detach().clone() for p in params]
+        self.buffers = [b.detach().clone() for b in model.buffers()]
+
+    def restore_buffers(self) -> None:
         with torch.no_grad():
-            for p, saved in zip(params, saved_params, strict=True):
+            for b, saved in zip(self.model.buffers(), self.buffers, strict=True):
+                b.copy_(saved)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.live, self.params, strict=True):
                 p.copy_(saved)
-        restore_buffers()
+        self.restore_buffers()
+
+
+def _loss_and_gradients(model, loss_fn, inputs, targets, params, snapshot: _Snapshot) -> tuple[float, tuple]:
+    """The loss on the batch and its gradient w.r.t. ``params`` (zeros for unused ones); the
+    buffers a training-mode forward moved (running statistics) are put back."""
+    loss = loss_fn(model(inputs), targets)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    snapshot.restore_buffers()
+    return loss.item(), tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True))
+
+
+@dataclass
+class LandscapeProbe:
+    """The loss and its gradient probed along the gradient from one point (Santurkar et al. 2018,
+    Figure 4): at each step size ``eta`` the parameters ``theta - eta * g`` (``g`` the gradient at
+    ``theta``) give the loss ``losses[k]`` and a gradient that differs from ``g`` by
+    ``gradient_changes[k]`` (l2 norm over all parameters)."""
+
+    step_sizes: list[float]
+    loss: float  # at theta
+    grad_norm: float  # ||g||
+    losses: list[float]
+    gradient_changes: list[float]
+
+    @property
+    def loss_range(self) -> float:
+        """Max minus min of the loss over the probed points, ``theta`` included."""
+        values = [self.loss, *self.losses]
+        return max(values) - min(values)
+
+    @property
+    def gradient_predictiveness(self) -> float:
+        """The largest change of the gradient along the step (smaller: the gradient at ``theta``
+        predicts the gradient further along better)."""
+        return max(self.gradient_changes)
+
+    @property
+    def beta_smoothness(self) -> float:
+        """Effective beta-smoothness: the largest gradient change per unit distance moved,
+        ``max_k gradient_changes[k] / (eta_k * ||g||)``."""
+        return max(c / (eta * self.grad_norm) for c, eta in zip(self.gradient_changes, self.step_sizes, strict=True))
+
+    def as_dict(self) -> dict[str, Any]:
+        measures = ("loss_range", "gradient_predictiveness", "beta_smoothness")
+        return {**asdict(self), **{name: getattr(self, name) for name in measures}}
+
+
+def loss_landscape(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    step_sizes: Sequence[float],
+) -> LandscapeProbe:
+    """Probe ``loss_fn(model(inputs), targets)`` along its gradient from the model's current
+    parameters, one point per step size (Santurkar et al. 2018, Figure 4: with batch norm the
+    loss changes less, and its gradient more predictably, along the gradient).
+
+    Every point uses the same batch and the same parameters to start from (not successive
+    training steps). The model is left exactly as it was: parameters, ``.grad`` fields,
+    buffers (running statistics) and train/eval mode. At least one step size, each positive.
+    """
+    steps = [float(eta) for eta in step_sizes]
+    if not steps or not all(math.isfinite(eta) and eta > 0 for eta in steps):
+        raise ValueError(f"loss_landscape needs positive, finite step sizes, got {list(step_sizes)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("loss_landscape found no trainable parameters")
+    snapshot = _Snapshot(model, params)
+    try:
+        loss, g = _loss_and_gradients(model, loss_fn, inputs, targets, params, snapshot)
+        g = [t.detach().clone() for t in g]
+        grad_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in g))
+        losses, changes = [], []
+        for eta in steps:
+            with torch.no_grad():
+                for p, p0, gp in zip(params, snapshot.params, g, strict=True):
+                    p.copy_(p0 - eta * gp)
+            moved_loss, moved = _loss_and_gradients(model, loss_fn, inputs, targets, params, snapshot)
+            losses.append(moved_loss)
+            changes.append(math.sqrt(sum(float((a - b).double().pow(2).sum()) for a, b in zip(moved, g, strict=True))))
+        return LandscapeProbe(steps, loss, grad_norm, losses, changes)
+    finally:
+        snapshot.restore()
 
 
 def _compare(name: str, g: Tensor, g_shift: Tensor) -> LayerICS:
