@@ -176,3 +176,21 @@ def test_freeze_and_fold_leave_a_batch_norm_with_its_own_forward_as_it_is():
     assert_close(folded(x), expected, 1e-5, 1e-5, "folded")
     assert any(isinstance(m, timm.layers.BatchNormAct2d) for m in folded.modules())
     assert done.of("1").action == "left" and "forward of its own" in done.of("1").reason
+
+
+def test_a_fold_into_a_linear_checks_the_rank_it_assumed():
+    """Without example inputs, fold takes a Linear next to a BatchNorm1d to see (N, C). On (N, C, L)
+    input with L == C the same model runs, but the Linear works on L: the folded model must raise
+    rather than answer wrongly; with example inputs the batch norm is frozen, and exact."""
+    model = _trained(nn.Sequential(batchnorm.BatchNorm1d(6), nn.Linear(6, 3)), (8, 6))
+    flat, sequence = torch.randn(4, 6), torch.randn(4, 6, 6)
+    folded = fold(model)
+    assert not any(isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm)) for m in folded.modules())
+    assert_close(folded(flat), model(flat), 1e-5, 1e-5, "(N, C)")
+    with pytest.raises(AssertionError, match=r"taking its input as \(N, C\); it got another rank"):
+        folded(sequence)
+    checked, done = fold(model, report=True, example_inputs=(sequence,))
+    assert done.frozen and not done.folded
+    assert_close(checked(sequence), model(sequence), 1e-5, 1e-5, "(N, C, L) with example inputs")
+    scripted = torch.jit.script(folded)
+    assert_close(scripted(flat), model(flat), 1e-5, 1e-5, "scripted")

@@ -11,9 +11,11 @@ they must live there to stay whole when a folded model is traced again.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch import fx, nn
 
 from . import activations
@@ -89,6 +91,7 @@ class Folder:
         if why:
             return None, why
         target, note = self.install(source, fold_after(layer, scale, shift))
+        self.guard_rank(source, source, layer)
         act = getattr(bn, "activation", activations.IDENTITY)
         if act == activations.IDENTITY and len(node.args) == 1:
             node.replace_all_uses_with(source)
@@ -115,9 +118,24 @@ class Folder:
         if why and bool(shift.ne(0).any()):
             return None, f"{user.target}: {why}"
         target, note = self.install(user, fold_before(layer, scale, shift))
+        self.guard_rank(user, node, layer)
         node.replace_all_uses_with(node.args[0])
         self.root.graph.erase_node(node)
         return (target, "; ".join(filter(None, ["folded before it", note]))), ""
+
+    def guard_rank(self, call: fx.Node, between: fx.Node, layer: nn.Module) -> None:
+        """Where a ``Linear`` absorbed a batch norm and no example inputs showed the rank of the
+        tensor between them (``between``), make the folded model check it: a ``Linear`` on
+        ``(N, C, L)`` input works on ``L``, not on the batch norm's ``C``, so there the fold would
+        compute something else; it raises instead of answering wrongly."""
+        if not isinstance(layer, nn.Linear) or between.meta.get("tensor_meta") is not None:
+            return
+        message = (f"batchnorm.fold folded a batch norm into {call.target} taking its input as (N, C); it got "
+                   "another rank: fold the model with example_inputs=(...) to check the shapes")  # fmt: skip
+        graph = self.root.graph
+        with graph.inserting_before(call):
+            rank = graph.call_method("dim", (call.args[0],))
+            graph.call_function(torch._assert, (graph.call_function(operator.eq, (rank, 2)), message))
 
     def install(self, call: fx.Node, module: nn.Module) -> tuple[str, str]:
         """Put ``module`` in place of what ``call`` calls, under a new name where the old module has
