@@ -14,7 +14,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CAPTIONS", "findings", "html_sections", "tables", "text_tables", "write_figures"]
+__all__ = [
+    "CAPTIONS", "findings", "format_text_tables", "html_sections", "html_table", "tables", "text_tables",
+    "write_figures",
+]  # fmt: skip
 
 METHOD_LABELS = {"bn": "BN", "renorm": "Batch Renorm", "ghost": "ghost batches", "precise": "precise statistics"}
 METHOD_COLORS = {"bn": "tab:blue", "renorm": "tab:orange", "ghost": "tab:green", "precise": "tab:purple"}
@@ -201,8 +204,13 @@ def _shift_table(results: dict[str, Any]) -> tuple[str, list[str], list[list[str
 
 def text_tables(results: dict[str, Any]) -> list[str]:
     """The tables as fixed-width lines, a blank line before each."""
+    return format_text_tables(tables(results))
+
+
+def format_text_tables(titled_tables: list[tuple[str, list[str], list[list[str]]]]) -> list[str]:
+    """``(title, header, rows)`` tables as fixed-width lines, a blank line before each."""
     lines = []
-    for title, header, rows in tables(results):
+    for title, header, rows in titled_tables:
         first = max(len(row[0]) for row in [header, *rows]) + 2
         widths = [max(len(row[k]) for row in [header, *rows]) + 2 for k in range(1, len(header))]
         lines += ["", title]
@@ -220,7 +228,7 @@ def html_sections(results: dict[str, Any], figure: Callable[[str], str], figures
     parts = []
     if "small_batch" in results:
         r = results["small_batch"]
-        table = _html_table(_small_batch_table(results))
+        table = html_table(_small_batch_table(results))
         parts.append(
             "<h2>Small batches</h2>"
             f"<p>The paper's MLP with batch norm, trained at batch sizes {', '.join(map(str, r['batch_sizes']))} "
@@ -241,7 +249,7 @@ def html_sections(results: dict[str, Any], figure: Callable[[str], str], figures
     if "shift" in results:
         r = results["shift"]
         descriptions = "; ".join(f"<b>{esc(n)}</b>: {esc(s['description'])}" for n, s in r["shifts"].items())
-        table = _html_table(_shift_table(results))
+        table = html_table(_shift_table(results))
         a = r["adapt"]
         parts.append(
             "<h2>Distribution shift: test-time adaptation</h2>"
@@ -258,7 +266,7 @@ def html_sections(results: dict[str, Any], figure: Callable[[str], str], figures
     return "".join(parts)
 
 
-def _html_table(table: tuple[str, list[str], list[list[str]]] | None) -> str:
+def html_table(table: tuple[str, list[str], list[list[str]]] | None) -> str:
     if table is None:
         return ""
     esc = html.escape
