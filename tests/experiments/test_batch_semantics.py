@@ -199,7 +199,7 @@ def test_the_shift_sentence_and_tables_come_from_the_numbers():
         ({"small_batch_sizes": (2, 64)}, "ghost-batch (32) must be at least the largest small batch size"),
         ({"shifts": ("blur",)}, "shifts must be some of noise, contrast, translate"),
         ({"tent_steps": 0}, "tent-steps must be positive"),
-        ({"skip": ("mlp",)}, "only cnn, sweep, small-batch, shift"),
+        ({"skip": ("mlp",)}, "only cnn, sweep, small-batch, shift, smoothness, noisy-bn"),
     ],
 )
 def test_bad_settings_are_refused(overrides, message):
@@ -208,8 +208,8 @@ def test_bad_settings_are_refused(overrides, message):
 
 
 def test_skip_leaves_the_parts_out_of_the_work():
-    assert set(Config().work()) == {"mlp", "cnn", "sweep", "small-batch", "shift"}
-    assert set(Config(skip=("small-batch", "shift")).work()) == {"mlp", "cnn", "sweep"}
+    assert set(Config().work()) == {"mlp", "cnn", "sweep", "small-batch", "shift", "smoothness", "noisy-bn"}
+    assert set(Config(skip=("small-batch", "shift")).work()) == {"mlp", "cnn", "sweep", "smoothness", "noisy-bn"}
     cfg = small_config()
     assert cfg.work()["small-batch"] == 2 * (400 + 100) + 2 * 50  # bn and renorm at 2 and 8, the ghosts; precise: 0
 

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", default="", metavar="PARTS",
                         help="leave out parts, comma-separated: cnn, sweep, small-batch (BN, Batch Renorm, ghost "
                         "batches, precise statistics at batch 2, 4, 8), shift (test-time adaptation to shifted "
-                        "images)")  # fmt: skip
+                        "images), smoothness (the loss probed along the gradient, with and without BN), noisy-bn "
+                        "(noise after every BN layer)")  # fmt: skip
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (default: 1 for digits' tiny networks, else torch's)")  # fmt: skip
     parser.add_argument("--backend", metavar="NAME",
@@ -161,7 +162,7 @@ def _progress_bars(cfg: Any, disabled: bool):
     if disabled:
         return None
     titles = {"mlp": "MLP, both arms", "cnn": "CNN, both arms", "sweep": "LR sweep", "small-batch": "small batches",
-              "shift": "shift: CNN"}  # fmt: skip
+              "shift": "shift: CNN", "smoothness": "smoothness probes", "noisy-bn": "noisy BN"}  # fmt: skip
     work = cfg.work()
     if not sys.stderr.isatty():
         return _progress_lines(titles, work)

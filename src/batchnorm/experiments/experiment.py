@@ -14,7 +14,12 @@ and two about what "the batch" means, with BN only (``batch_semantics``):
 4. small batches: the MLP at batch 2, 4, 8 with BN, Batch Renorm, ghost batches
    and precise statistics;
 5. distribution shift: the CNN on shifted test images, as trained, with adapted
-   statistics (AdaBN) and with adapted γ/β (TENT).
+   statistics (AdaBN) and with adapted γ/β (TENT);
+
+and two about why BN helps, after Santurkar et al. 2018 (``smoothness``):
+
+6. smoothness: the loss and its gradient probed along the gradient during training;
+7. noisy BN: non-stationary noise after every BN layer, against plain and BN.
 
 ``run_experiment`` returns plain data (JSON-ready) plus the recorders the
 figures need; it writes nothing.
@@ -34,7 +39,7 @@ from torch.nn import functional as F
 
 from batchnorm.ics import InputRecorder, gradient_ics
 
-from . import batch_semantics, measure
+from . import batch_semantics, measure, smoothness
 from .datasets import Dataset
 from .models import MLPEnsemble, activation_modules, cnn, mlp, weight_layers
 from .training import History, train, train_ensemble
@@ -42,7 +47,14 @@ from .training import History, train, train_ensemble
 __all__ = ["ARMS", "PARTS", "Config", "run_experiment"]
 
 ARMS = ("plain", "bn")  # without / with batch normalization
-PARTS = ("cnn", "sweep", "small-batch", "shift")  # the parts --skip can leave out (the MLP always runs)
+PARTS = (
+    "cnn",
+    "sweep",
+    "small-batch",
+    "shift",
+    "smoothness",
+    "noisy-bn",
+)  # the parts --skip can leave out (the MLP always runs)
 
 
 @dataclass
@@ -77,6 +89,10 @@ class Config:
     adapt_batch: int = 64  # unlabeled shifted images per adaptation batch
     tent_steps: int = 10  # passes over the adaptation half with affine=True
     tent_lr: float = 1e-3  # Adam, TENT's rate
+    smoothness_points: int = 8  # training steps (evenly spaced) at which the loss landscape is probed
+    smoothness_step_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # probe step sizes, times mlp_lr
+    noise_scale_spread: float = 0.5  # noisy BN: each unit scaled by U(1 - spread, 1 + spread) per step
+    noise_shift_std: float = 1.0  # noisy BN: and shifted by N(0, std^2) per step
     skip: tuple[str, ...] = field(default_factory=tuple)  # parts to leave out: see PARTS
     smoke_run: bool = False  # --quick: too short for conclusions
 
@@ -84,7 +100,7 @@ class Config:
     def quick(cls, **overrides: Any) -> Config:
         base = dict(mlp_steps=150, cnn_steps=80, eval_every=25, ics_points=4, sweep_lrs=(0.1, 1.0, 3.0, 10.0, 100.0),
                     sweep_seeds=2, sweep_steps=150, sweep_eval_every=25, single_limit=100, small_batch_examples=800,
-                    small_batch_seeds=1, tent_steps=2, smoke_run=True)  # fmt: skip
+                    small_batch_seeds=1, tent_steps=2, smoothness_points=4, smoke_run=True)  # fmt: skip
         base.update(overrides)
         return cls(**base)
 
@@ -103,6 +119,7 @@ class Config:
             "ghost_batch",
             "adapt_batch",
             "tent_steps",
+            "smoothness_points",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -113,6 +130,12 @@ class Config:
                 raise ValueError(f"learning rates must be positive numbers, got {lr}")
         if not 0 < self.target <= 1:
             raise ValueError(f"target accuracy must be in (0, 1], got {self.target}")
+        if not self.smoothness_step_factors or not all(
+            math.isfinite(f) and f > 0 for f in self.smoothness_step_factors
+        ):
+            raise ValueError(f"smoothness step factors must be positive numbers, got {self.smoothness_step_factors}")
+        if not (self.noise_scale_spread >= 0 and self.noise_shift_std >= 0):
+            raise ValueError("noise scale spread and shift std must be non-negative")
         if self.init_std <= 0:
             raise ValueError(f"init-std must be positive, got {self.init_std}")
         unknown = set(self.skip) - set(PARTS)
@@ -144,6 +167,10 @@ class Config:
             parts["small-batch"] = batch_semantics.small_batch_work(self)
         if "shift" not in self.skip:
             parts["shift"] = batch_semantics.shift_work(self)
+        if "smoothness" not in self.skip:
+            parts["smoothness"] = smoothness.smoothness_work(self)
+        if "noisy-bn" not in self.skip:
+            parts["noisy-bn"] = smoothness.noisy_bn_work(self)
         return parts
 
 
@@ -320,7 +347,9 @@ def run_experiment(data: Dataset, cfg: Config, progress: Callable[[str], Callabl
         results["sweep"] = _sweep(data, cfg, progress("sweep") if progress else None)
         timing["sweep"] = time.perf_counter() - start
     for part, key, run in (("small-batch", "small_batch", batch_semantics.run_small_batches),
-                           ("shift", "shift", batch_semantics.run_shift)):  # fmt: skip
+                           ("shift", "shift", batch_semantics.run_shift),
+                           ("smoothness", "smoothness", smoothness.run_smoothness),
+                           ("noisy-bn", "noisy_bn", smoothness.run_noisy_bn)):  # fmt: skip
         if part in cfg.skip:
             continue
         start = time.perf_counter()
@@ -388,6 +417,10 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         summary["small_batch"] = batch_semantics.summarize_small_batches(results["small_batch"])
     if "shift" in results:
         summary["shift"] = batch_semantics.summarize_shift(results["shift"])
+    if "smoothness" in results:
+        summary["smoothness"] = smoothness.summarize_smoothness(results["smoothness"])
+    if "noisy_bn" in results:
+        summary["noisy_bn"] = smoothness.summarize_noisy_bn(results["noisy_bn"])
     return summary
 
 

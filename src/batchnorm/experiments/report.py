@@ -19,7 +19,7 @@ import numpy as np
 
 from batchnorm.ics import InputRecorder, plot_percentiles
 
-from . import batch_semantics_report
+from . import batch_semantics_report, smoothness_report
 
 __all__ = ["findings", "summary_table", "write_figures", "write_html", "write_json"]
 
@@ -71,6 +71,7 @@ def write_figures(results: dict[str, Any], recorders: dict[str, dict[str, InputR
     if "sweep" in results:
         names.append(_save(plt, _sweep(plt, results["sweep"], results["config"]["target"]), folder / "lr_sweep.png"))
     names += batch_semantics_report.write_figures(plt, results, lambda fig, name: _save(plt, fig, folder / name))
+    names += smoothness_report.write_figures(plt, results, lambda fig, name: _save(plt, fig, folder / name))
     return names
 
 
@@ -336,6 +337,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"{fastest(fast['bn'])}, without BN {fastest(fast['plain'])}."
         )
     out += batch_semantics_report.findings(results)
+    out += smoothness_report.findings(results)
     return out
 
 
@@ -377,7 +379,7 @@ def summary_table(results: dict[str, Any]) -> list[str]:
     """The terminal summary: a small fixed-width table."""
     rows = [("", "without BN", "with BN"), *summary_rows(results)]
     lines = [f"{what:24}{plain:>16}{bn:>16}" for what, plain, bn in rows]
-    return lines + batch_semantics_report.text_tables(results)
+    return lines + batch_semantics_report.text_tables(results) + smoothness_report.text_tables(results)
 
 
 # --- HTML -----------------------------------------------------------------------
@@ -401,6 +403,7 @@ _CAPTIONS = {
     "lr_sweep.png": "Learning-rate sweep of the MLP over several seeds: final accuracy and steps to the target. A run "
     "whose loss became non-finite (or above 1e4) is marked diverged; one stuck at chance is not.",
     **batch_semantics_report.CAPTIONS,
+    **smoothness_report.CAPTIONS,
 }
 
 
@@ -416,9 +419,10 @@ def write_html(results: dict[str, Any], figures: list[str], folder: Path) -> Non
             f"</figcaption></figure>"
         )
 
-    own = set(batch_semantics_report.CAPTIONS)  # drawn in their own sections
+    own = {*batch_semantics_report.CAPTIONS, *smoothness_report.CAPTIONS}  # drawn in their own sections
     figs = "".join(figure(name) for name in figures if name not in own)
     semantics = batch_semantics_report.html_sections(results, figure, figures)
+    semantics += smoothness_report.html_sections(results, figure, figures)
     facts = "".join(f"<li>{esc(f)}</li>" for f in findings(results))
     d = results["dataset"]
     smoke = (
