@@ -71,14 +71,22 @@ def batch_norm(
         y, mean, var, _ = _forward_impl(x, weight, bias, size, eps, fused)
     if running_mean is not None or running_var is not None:
         with torch.no_grad():
-            counts = torch.tensor([g.shape[0] * per_sample for g in ghosts], dtype=var.dtype, device=var.device)
-            unbiased = (var * (counts / (counts - 1))[:, None]).mean(0)  # each ghost's, averaged
-            total = int(counts.sum())  # given as the biased variance of `total` values that unbiases to it
-            update_running_stats(running_mean, running_var, mean.mean(0), unbiased * ((total - 1) / total), total,
-                                 momentum, num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip
+            update_running_from_ghosts(running_mean, running_var, mean, var, [g.shape[0] * per_sample for g in ghosts],
+                                       momentum, num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip
     if residual is not None:
         y = y + residual
     return y if after is None else activations.forward(y, after)
+
+
+def update_running_from_ghosts(running_mean, running_var, mean: Tensor, var: Tensor, counts: list[int], momentum,
+                               num_batches_tracked, skip_nonfinite, nonfinite_count) -> None:  # fmt: skip
+    """The running statistics' one update per batch of ghosts: toward the ghosts' average mean and
+    average unbiased variance (``mean``, ``var``: ``[G, C]``, biased, over ``counts[g]`` values)."""
+    n = torch.tensor(counts, dtype=var.dtype, device=var.device)[:, None]
+    unbiased = (var * (n / (n - 1))).mean(0)  # each ghost's, averaged
+    total = sum(counts)  # given as the biased variance of `total` values that unbiases to it
+    update_running_stats(running_mean, running_var, mean.mean(0), unbiased * ((total - 1) / total), total, momentum,
+                         num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip
 
 
 def _ghosts_by_torch(x: Tensor, ghosts: tuple[Tensor, ...], weight, bias, eps) -> tuple[Tensor, Tensor, Tensor]:

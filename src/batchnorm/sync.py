@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import fx, nn
 from torch.autograd.function import once_differentiable
 
-from . import _fx, _ops, _route, _torch_ops, activations, kernels, modules
+from . import _fx, _ghost, _ops, _route, _torch_ops, activations, kernels, modules
 from ._checks import ShapeError, check_input, check_residual
 from ._layout import as_ncl, output_memory_format, prepare
 from ._swap import swap_layer
@@ -235,11 +235,8 @@ def _ghost_batch_norm(x, size, group, world, running_mean, running_var, weight, 
     invstd = invstd_of(var, eps)
     y = _NormalizeGhosts.apply(x, weight, bias, mean, invstd, size, totals, _summing_over(group))
     if running_mean is not None or running_var is not None:
-        n = torch.tensor(totals, dtype=sdtype, device=x.device)[:, None]
-        unbiased = (var * n / (n - 1)).mean(0)  # each ghost's, averaged
-        total = sum(totals)  # given as the biased variance of `total` values that unbiases to it
-        update_running_stats(running_mean, running_var, mean.mean(0), unbiased * ((total - 1) / total), total,
-                             momentum, num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip
+        _ghost.update_running_from_ghosts(running_mean, running_var, mean, var, totals, momentum,
+                                          num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip
     return y
 
 
