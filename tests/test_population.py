@@ -43,6 +43,24 @@ def test_precise_statistics_are_the_exact_statistics_of_the_data(layer_cls, extr
     assert int(layer.num_batches_tracked) == 0
 
 
+@pytest.mark.parametrize("layer_cls", [batchnorm.BatchNorm2d, nn.BatchNorm2d])
+def test_population_moments_are_the_data_moments_and_change_nothing(layer_cls):
+    gen = torch.Generator().manual_seed(4)
+    batches = _batches(SIZES, extra=(3, 2), gen=gen)
+    model = nn.Sequential(layer_cls(4, dtype=torch.float64))
+    before = copy.deepcopy(model.state_dict())
+    moments = batchnorm.population_moments(model, batches)
+    x = np.concatenate([b.numpy() for b in batches])
+    x = np.moveaxis(x, 1, 0).reshape(4, -1)
+    assert moments["0"].count == x.shape[1]
+    assert_close(moments["0"].mean, x.mean(1), 1e-13, 1e-13, "mean")
+    assert_close(moments["0"].var, x.var(1), 1e-13, 1e-13, "biased var")
+    assert model[0].training and model[0].track_running_stats
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert batchnorm.population_moments(model, []) == {"0": None}
+
+
 def test_precise_statistics_of_a_deep_model_pool_what_each_layer_sees():
     """Every layer's buffers: the pooled statistics of the inputs it got, its predecessors
     normalizing with batch statistics (as in training); the weights untouched."""

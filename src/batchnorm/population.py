@@ -1,6 +1,7 @@
 """Population statistics beyond the running average: exact statistics pooled over many
-batches (:func:`precise_statistics`) and one running update per ``k`` micro-batches
-(:func:`accumulate`, for gradient accumulation).
+batches (:func:`population_moments`, and :func:`precise_statistics`, which writes them into
+the running buffers) and one running update per ``k`` micro-batches (:func:`accumulate`,
+for gradient accumulation).
 
 The running average a batch-norm layer keeps in training is an exponential average of
 batch statistics taken while the weights moved; the statistics of the final weights over
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +37,7 @@ from .running import recomputing, update_running_stats
 
 Tensor = torch.Tensor
 
-__all__ = ["accumulate", "precise_statistics"]
+__all__ = ["Moments", "accumulate", "population_moments", "precise_statistics"]
 
 
 class _Pool:
@@ -136,6 +138,60 @@ def _as_call(model: nn.Module, batch: Any, device) -> Any:
     return model(batch)
 
 
+@dataclass(frozen=True)
+class Moments:
+    """One layer's input over many batches: values per channel, and the mean and biased
+    (population) variance of those values per channel, float64."""
+
+    count: int
+    mean: Tensor
+    var: Tensor
+
+
+def population_moments(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Moments | None]:
+    """The exact per-channel moments of every batch-norm layer's input over ``batches``, by
+    layer name (``None`` for a layer that saw no values); nothing of the model changes.
+
+    The model runs without gradient with its batch-norm layers in training mode (each
+    normalizes with its batch's statistics, as in training; their running update off) and
+    every other module in the mode you gave it. Batches of any size weigh by their size.
+    ``batches``, ``num_batches`` and ``device`` as for :func:`precise_statistics`, which is
+    this followed by a copy into the running buffers; SyncBatchNorm layers pool across their
+    process group.
+    """
+    return _moments(model, batches, num_batches, device, "population_moments")
+
+
+def _moments(model, batches, num_batches, device, caller: str) -> dict[str, Moments | None]:
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise ValueError(f"{caller}: the model has no batch-norm layer with running statistics")
+    pools = {layer: _Pool() for _, layer in layers}
+    modes = [(layer, layer.training) for _, layer in layers]
+    try:
+        for _, layer in layers:
+            layer.train()
+        with _watching([layer for _, layer in layers], lambda layer, x: pools[layer].add(x)), torch.no_grad():
+            for k, batch in enumerate(batches):
+                if num_batches is not None and k >= num_batches:
+                    break
+                _as_call(model, batch, device)
+    finally:
+        for layer, training in modes:
+            layer.train(training)
+    out: dict[str, Moments | None] = {}
+    for name, layer in layers:
+        pool = pools[layer]
+        pool.across_ranks(layer, layer.num_features, layer.running_mean.device)
+        out[name] = None if pool.mean is None else Moments(pool.count, pool.mean, pool.var)
+    return out
+
+
 def precise_statistics(
     model: nn.Module,
     batches: Iterable[Any],
@@ -159,31 +215,15 @@ def precise_statistics(
     their process group (every rank must call this with the same number of batches).
     This is also what ``torch.optim.swa_utils.update_bn`` does after SWA, computed exactly.
     """
-    layers = batch_norm_layers(model)
-    if not layers:
-        raise ValueError("precise_statistics: the model has no batch-norm layer with running statistics")
-    pools = {layer: _Pool() for _, layer in layers}
-    modes = [(layer, layer.training) for _, layer in layers]
-    try:
-        for _, layer in layers:
-            layer.train()
-        with _watching([layer for _, layer in layers], lambda layer, x: pools[layer].add(x)), torch.no_grad():
-            for k, batch in enumerate(batches):
-                if num_batches is not None and k >= num_batches:
-                    break
-                _as_call(model, batch, device)
-        for _, layer in layers:
-            pool = pools[layer]
-            pool.across_ranks(layer, layer.num_features, layer.running_mean.device)
-            if pool.mean is None:
-                continue
-            with torch.no_grad():
-                layer.running_mean.copy_(pool.mean)
-                layer.running_var.copy_(unbiased(pool.var, pool.count))
-    finally:
-        for layer, training in modes:
-            layer.train(training)
-    return {name: pools[layer].count for name, layer in layers}
+    moments = _moments(model, batches, num_batches, device, "precise_statistics")
+    layers = dict(batch_norm_layers(model))
+    for name, m in moments.items():
+        if m is None:
+            continue
+        with torch.no_grad():
+            layers[name].running_mean.copy_(m.mean)
+            layers[name].running_var.copy_(unbiased(m.var, m.count))
+    return {name: 0 if m is None else m.count for name, m in moments.items()}
 
 
 @contextlib.contextmanager
