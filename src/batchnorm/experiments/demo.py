@@ -162,7 +162,8 @@ def _progress_bars(cfg: Any, disabled: bool):
     if disabled:
         return None
     titles = {"mlp": "MLP, both arms", "cnn": "CNN, both arms", "sweep": "LR sweep", "small-batch": "small batches",
-              "shift": "shift: CNN", "smoothness": "smoothness probes", "noisy-bn": "noisy BN"}  # fmt: skip
+              "shift": "shift: CNN", "smoothness": "smoothness probes", "noisy-bn": "noisy BN",
+              "population": "population statistics"}  # fmt: skip
     work = cfg.work()
     if not sys.stderr.isatty():
         return _progress_lines(titles, work)

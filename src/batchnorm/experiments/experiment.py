@@ -19,7 +19,12 @@ and two about what "the batch" means, with BN only (``batch_semantics``):
 and two about why BN helps, after Santurkar et al. 2018 (``smoothness``):
 
 6. smoothness: the loss and its gradient probed along the gradient during training;
-7. noisy BN: non-stationary noise after every BN layer, against plain and BN.
+7. noisy BN: non-stationary noise after every BN layer, against plain and BN;
+
+and one about the statistics eval mode uses, after Wu & Johnson 2021 (``population``):
+
+8. population statistics: moving averages and precise statistics against the truth,
+   and batch against population statistics per normalization batch size.
 
 ``run_experiment`` returns plain data (JSON-ready) plus the recorders the
 figures need; it writes nothing.
@@ -39,7 +44,7 @@ from torch.nn import functional as F
 
 from batchnorm.ics import InputRecorder, gradient_ics
 
-from . import batch_semantics, measure, smoothness
+from . import batch_semantics, measure, population, smoothness
 from .datasets import Dataset
 from .models import MLPEnsemble, activation_modules, cnn, mlp, weight_layers
 from .training import History, train, train_ensemble
@@ -54,6 +59,7 @@ PARTS = (
     "shift",
     "smoothness",
     "noisy-bn",
+    "population",
 )  # the parts --skip can leave out (the MLP always runs)
 
 
@@ -93,6 +99,12 @@ class Config:
     smoothness_step_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)  # probe step sizes, times mlp_lr
     noise_scale_spread: float = 0.5  # noisy BN: each unit scaled by U(1 - spread, 1 + spread) per step
     noise_shift_std: float = 1.0  # noisy BN: and shifted by N(0, std^2) per step
+    smoothness_seeds: int = 3  # smoothness: each arm trained and probed from this many seeds (the figure's bands)
+    population_norm_batches: tuple[int, ...] = (2, 4, 10, 20, 60)  # population: normalization (ghost) batch sizes
+    population_momenta: tuple[float, ...] = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001)  # moving averages kept alongside
+    population_samples: tuple[int, ...] = (30, 60, 120, 240, 480, 960)  # precise statistics from this many samples
+    population_draws: int = 5  # random training subsets per sample count
+    population_seeds: int = 2  # each normalization batch size trained from this many seeds
     skip: tuple[str, ...] = field(default_factory=tuple)  # parts to leave out: see PARTS
     smoke_run: bool = False  # --quick: too short for conclusions
 
@@ -100,7 +112,8 @@ class Config:
     def quick(cls, **overrides: Any) -> Config:
         base = dict(mlp_steps=150, cnn_steps=80, eval_every=25, ics_points=4, sweep_lrs=(0.1, 1.0, 3.0, 10.0, 100.0),
                     sweep_seeds=2, sweep_steps=150, sweep_eval_every=25, single_limit=100, small_batch_examples=800,
-                    small_batch_seeds=1, tent_steps=2, smoothness_points=4, smoke_run=True)  # fmt: skip
+                    small_batch_seeds=1, tent_steps=2, smoothness_points=4, smoothness_seeds=1,
+                    population_seeds=1, population_draws=2, smoke_run=True)  # fmt: skip
         base.update(overrides)
         return cls(**base)
 
@@ -120,6 +133,9 @@ class Config:
             "adapt_batch",
             "tent_steps",
             "smoothness_points",
+            "smoothness_seeds",
+            "population_draws",
+            "population_seeds",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -142,6 +158,15 @@ class Config:
         if unknown:
             raise ValueError(f"cannot skip {sorted(unknown)}: only {', '.join(PARTS)}")
         self._validate_batch_semantics()
+        self._validate_population()
+
+    def _validate_population(self) -> None:
+        if not self.population_norm_batches or any(v < 2 for v in self.population_norm_batches):
+            raise ValueError(f"normalization batch sizes must be at least 2, got {self.population_norm_batches}")
+        if not self.population_momenta or not all(0 < m <= 1 for m in self.population_momenta):
+            raise ValueError(f"moving-average momenta must lie in (0, 1], got {self.population_momenta}")
+        if not self.population_samples or any(n < 2 for n in self.population_samples):
+            raise ValueError(f"precise-statistics sample counts must be at least 2, got {self.population_samples}")
 
     def _validate_batch_semantics(self) -> None:
         if not self.small_batch_sizes or any(b < 2 for b in self.small_batch_sizes):
@@ -171,6 +196,8 @@ class Config:
             parts["smoothness"] = smoothness.smoothness_work(self)
         if "noisy-bn" not in self.skip:
             parts["noisy-bn"] = smoothness.noisy_bn_work(self)
+        if "population" not in self.skip:
+            parts["population"] = population.population_work(self)
         return parts
 
 
@@ -349,7 +376,8 @@ def run_experiment(data: Dataset, cfg: Config, progress: Callable[[str], Callabl
     for part, key, run in (("small-batch", "small_batch", batch_semantics.run_small_batches),
                            ("shift", "shift", batch_semantics.run_shift),
                            ("smoothness", "smoothness", smoothness.run_smoothness),
-                           ("noisy-bn", "noisy_bn", smoothness.run_noisy_bn)):  # fmt: skip
+                           ("noisy-bn", "noisy_bn", smoothness.run_noisy_bn),
+                           ("population", "population", population.run_population)):  # fmt: skip
         if part in cfg.skip:
             continue
         start = time.perf_counter()
@@ -421,6 +449,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         summary["smoothness"] = smoothness.summarize_smoothness(results["smoothness"])
     if "noisy_bn" in results:
         summary["noisy_bn"] = smoothness.summarize_noisy_bn(results["noisy_bn"])
+    if "population" in results:
+        summary["population"] = population.summarize_population(results["population"])
     return summary
 
 

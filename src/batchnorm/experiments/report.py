@@ -19,10 +19,11 @@ import numpy as np
 
 from batchnorm.ics import InputRecorder, plot_percentiles
 
-from . import batch_semantics_report, smoothness_report
+from . import batch_semantics_report, population_report, smoothness_report
 
 __all__ = ["findings", "summary_table", "write_figures", "write_html", "write_json"]
 
+PAGES = (batch_semantics_report, smoothness_report, population_report)  # the experiments' own report pages, in order
 LABELS = {"plain": "without BN", "bn": "with BN"}
 COLORS = {"plain": "tab:red", "bn": "tab:blue"}
 
@@ -70,8 +71,8 @@ def write_figures(results: dict[str, Any], recorders: dict[str, dict[str, InputR
         names.append(_save(plt, _ics(plt, r, part), folder / f"{part}_ics.png"))
     if "sweep" in results:
         names.append(_save(plt, _sweep(plt, results["sweep"], results["config"]["target"]), folder / "lr_sweep.png"))
-    names += batch_semantics_report.write_figures(plt, results, lambda fig, name: _save(plt, fig, folder / name))
-    names += smoothness_report.write_figures(plt, results, lambda fig, name: _save(plt, fig, folder / name))
+    for page in PAGES:
+        names += page.write_figures(plt, results, lambda fig, name: _save(plt, fig, folder / name))
     return names
 
 
@@ -336,8 +337,8 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"Each arm at its own best learning rate (median steps to {target:.0%} over seeds): with BN "
             f"{fastest(fast['bn'])}, without BN {fastest(fast['plain'])}."
         )
-    out += batch_semantics_report.findings(results)
-    out += smoothness_report.findings(results)
+    for page in PAGES:
+        out += page.findings(results)
     return out
 
 
@@ -379,7 +380,7 @@ def summary_table(results: dict[str, Any]) -> list[str]:
     """The terminal summary: a small fixed-width table."""
     rows = [("", "without BN", "with BN"), *summary_rows(results)]
     lines = [f"{what:24}{plain:>16}{bn:>16}" for what, plain, bn in rows]
-    return lines + batch_semantics_report.text_tables(results) + smoothness_report.text_tables(results)
+    return lines + [line for page in PAGES for line in page.text_tables(results)]
 
 
 # --- HTML -----------------------------------------------------------------------
@@ -402,8 +403,7 @@ _CAPTIONS = {
     "cnn_ics.png": "CNN: gradient ICS, one column per layer, as for the MLP.",
     "lr_sweep.png": "Learning-rate sweep of the MLP over several seeds: final accuracy and steps to the target. A run "
     "whose loss became non-finite (or above 1e4) is marked diverged; one stuck at chance is not.",
-    **batch_semantics_report.CAPTIONS,
-    **smoothness_report.CAPTIONS,
+    **{name: caption for page in PAGES for name, caption in page.CAPTIONS.items()},
 }
 
 
@@ -419,10 +419,9 @@ def write_html(results: dict[str, Any], figures: list[str], folder: Path) -> Non
             f"</figcaption></figure>"
         )
 
-    own = {*batch_semantics_report.CAPTIONS, *smoothness_report.CAPTIONS}  # drawn in their own sections
+    own = {name for page in PAGES for name in page.CAPTIONS}  # drawn in their own sections
     figs = "".join(figure(name) for name in figures if name not in own)
-    semantics = batch_semantics_report.html_sections(results, figure, figures)
-    semantics += smoothness_report.html_sections(results, figure, figures)
+    semantics = "".join(page.html_sections(results, figure, figures) for page in PAGES)
     facts = "".join(f"<li>{esc(f)}</li>" for f in findings(results))
     d = results["dataset"]
     smoke = (
