@@ -35,7 +35,12 @@ def small_config(**overrides) -> Config:
 
 @pytest.fixture(scope="module")
 def smooth(digits):
-    return smoothness.run_smoothness(digits, small_config())
+    return smoothness.run_smoothness(digits, small_config(smoothness_seeds=1))
+
+
+@pytest.fixture(scope="module")
+def smooth2(digits):
+    return smoothness.run_smoothness(digits, small_config(smoothness_seeds=2))
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +50,40 @@ def noisy(digits):
 
 def test_smoothness_records_every_measure_at_every_probe(smooth):
     assert smooth["probe_steps"] == [1, 31, 60] and smooth["step_sizes"] == [0.75, 1.5, 3.0, 6.0, 12.0]
+    assert smooth["seeds"] == [0]
     for arm in ("plain", "bn"):
-        a = smooth["arms"][arm]
+        (a,) = smooth["arms"][arm]["runs"]
         assert a["probe_steps"] == [1, 31, 60] and len(a["probes"]) == 3
         for probe in a["probes"]:
             assert len(probe["losses"]) == len(probe["gradient_changes"]) == 5
         for name in smoothness.SMOOTHNESS_MEASURES:
             assert len(a[name]) == 3 and all(math.isfinite(v) and v >= 0 for v in a[name])
     summary = smoothness.summarize_smoothness(smooth)
-    assert summary["probes_compared"] == 3
+    assert summary["probes_compared"] == 3 and summary["seeds"] == 1
     assert 0 <= summary["loss_range"]["bn_smaller_at"] <= 3
+
+
+def test_every_seed_is_recorded_and_each_is_a_one_seed_run(digits, smooth, smooth2):
+    assert smooth2["seeds"] == [0, 1]
+    for arm in ("plain", "bn"):
+        runs = smooth2["arms"][arm]["runs"]
+        assert len(runs) == 2 and all(run["probe_steps"] == [1, 31, 60] for run in runs)
+        assert runs[0]["probes"] != runs[1]["probes"]  # another initialization, batch order and probe batch
+        assert runs[0] == smooth["arms"][arm]["runs"][0]  # seed 0: the one-seed run
+    alone = smoothness.run_smoothness(digits, small_config(smoothness_seeds=1, seed=1))
+    assert alone["seeds"] == [1]
+    for arm in ("plain", "bn"):
+        assert smooth2["arms"][arm]["runs"][1] == alone["arms"][arm]["runs"][0]  # the same probes, exactly
+    summary = smoothness.summarize_smoothness(smooth2)
+    assert summary["probes_compared"] == 6 and summary["seeds"] == 2
+
+
+def test_the_work_counts_every_seed(digits):
+    cfg = small_config(smoothness_seeds=2, mlp_steps=20, smoothness_points=2)
+    assert smoothness.smoothness_work(cfg) == 2 * 2 * 20
+    done = []
+    smoothness.run_smoothness(digits, cfg, progress=done.append)
+    assert sum(done) == smoothness.smoothness_work(cfg)
 
 
 def test_probing_does_not_change_training(digits, smooth):
@@ -66,7 +95,7 @@ def test_probing_does_not_change_training(digits, smooth):
     tensors = [torch.from_numpy(a) for a in (digits.x_train, digits.y_train, digits.x_test, digits.y_test)]
     history = training.train(model, *tensors, steps=cfg.mlp_steps, lr=cfg.mlp_lr, batch_size=cfg.batch_size,
                              seed=cfg.seed, eval_every=cfg.eval_every)  # fmt: skip
-    assert history.test_acc == smooth["arms"]["bn"]["test_acc"]
+    assert history.test_acc == smooth["arms"]["bn"]["runs"][0]["test_acc"]
 
 
 def test_probe_steps_are_evenly_spaced_from_first_to_last():
@@ -107,25 +136,86 @@ def test_instability_of_a_still_distribution_is_zero():
     assert smoothness.instability(means[:1], means[:1])["mean_step_change"] is None
 
 
-def smoothness_result(plain: list[float], bn: list[float]) -> dict:
-    """A two-arm result whose three measures all take the given values per probe."""
-    arms = {arm: {"probes": [{}] * len(v), **{m: v for m in smoothness.SMOOTHNESS_MEASURES}}
-            for arm, v in (("plain", plain), ("bn", bn))}  # fmt: skip
-    return {"lr": 3.0, "probe_steps": [1, 50, 100], "step_sizes": [0.75, 3.0, 12.0], "arms": arms}
+def smoothness_result(plain: list[list[float]], bn: list[list[float]], steps=(1, 50, 100)) -> dict:
+    """A two-arm result, one run per seed (one list of values per seed, per probe), whose three measures all take
+    the given values; a shorter list is a run that stopped (diverged) before its later probes."""
+
+    def run(values):
+        return {"probe_steps": list(steps[: len(values)]), "probes": [{}] * len(values),
+                **{m: values for m in smoothness.SMOOTHNESS_MEASURES}}  # fmt: skip
+
+    arms = {arm: {"runs": [run(v) for v in per_seed]} for arm, per_seed in (("plain", plain), ("bn", bn))}
+    return {"lr": 3.0, "probe_steps": list(steps), "step_sizes": [0.75, 3.0, 12.0], "seeds": list(range(len(plain))),
+            "arms": arms}  # fmt: skip
+
+
+def test_the_summary_compares_probe_by_probe_and_seed_by_seed():
+    r = smoothness_result(plain=[[1.0, 2.0, 3.0], [10.0, 20.0]], bn=[[0.5, 4.0, 1.0], [1.0, 40.0, 7.0]])
+    s = smoothness.summarize_smoothness(r)
+    # pairs: seed 0 at steps 1, 50, 100; seed 1 at steps 1, 50 (its plain run stopped before step 100)
+    assert s["seeds"] == 2 and s["probes_compared"] == 5
+    for m in smoothness.SMOOTHNESS_MEASURES:
+        assert s[m]["bn_smaller_at"] == 3  # (0.5 < 1), (1 < 3), (1 < 10); not (4 > 2), (40 > 20)
+        assert s[m]["median_plain"] == 3.0  # of 1, 2, 3, 10, 20
+        assert s[m]["median_bn"] == 1.0  # of 0.5, 4, 1, 1, 40 (BN's seed-1 probe at 100 has no partner)
+        assert s[m]["median_ratio_plain_over_bn"] == 2.0  # of 2, 0.5, 3, 10, 0.5
+    assert smoothness.smoothness_pairs(r) == [(0, 1, 0, 0), (0, 50, 1, 1), (0, 100, 2, 2), (1, 1, 0, 0), (1, 50, 1, 1)]
+    none = smoothness.summarize_smoothness(smoothness_result(plain=[[]], bn=[[1.0]]))
+    assert none["probes_compared"] == 0 and none["loss_range"]["median_bn"] is None
 
 
 def test_the_smoothness_sentence_follows_the_numbers():
-    smoother = smoothness_result([1.0, 2.0, 3.0], [0.1, 0.2, 4.0])
+    smoother = smoothness_result([[1.0, 2.0, 3.0]], [[0.1, 0.2, 4.0]])
     line = smoothness_report.smoothness_sentence(smoother, smoothness.summarize_smoothness(smoother))
+    assert "3 probes over 1 seed " in line
     assert "loss range smaller with BN at 2 of 3 probes (median 0.2 with BN, 2 without)" in line
     assert line.endswith("by every measure the loss is smoother with BN, as Santurkar et al. report.")
-    rougher = smoothness_result([0.1, 0.2, 0.3], [1.0, 2.0, 0.01])
+    rougher = smoothness_result([[0.1, 0.2, 0.3]], [[1.0, 2.0, 0.01]])
     line = smoothness_report.smoothness_sentence(rougher, smoothness.summarize_smoothness(rougher))
     assert "at 1 of 3 probes" in line and line.endswith("by no measure is the loss smoother with BN in this run.")
     mixed = copy.deepcopy(smoother)
-    mixed["arms"]["bn"]["beta_smoothness"] = [5.0, 5.0, 5.0]
+    mixed["arms"]["bn"]["runs"][0]["beta_smoothness"] = [5.0, 5.0, 5.0]
     line = smoothness_report.smoothness_sentence(mixed, smoothness.summarize_smoothness(mixed))
     assert "so BN is smoother by loss range and gradient change" in line and "but not by effective β-smoothness" in line
+    two = smoothness_result([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], [[0.1, 0.2, 4.0], [0.1, 5.0, 4.0]])
+    s = smoothness.summarize_smoothness(two)
+    line = smoothness_report.smoothness_sentence(two, s)
+    assert "6 probes over 2 seeds" in line and "loss range smaller with BN at 3 of 6 probes" in line
+    assert line.endswith("by no measure is the loss smoother with BN in this run.")  # 3 of 6 is not most
+    title, _, rows = smoothness_report.tables({"smoothness": two, "summary": {"smoothness": s}})[0]
+    assert title == "Smoothness along the gradient, 6 probes over 2 seeds" and rows[0][-1] == "3/6"
+
+
+def test_seed_bands_span_the_seeds():
+    def probe(losses, changes, loss=1.0):
+        return {"loss": loss, "losses": losses, "gradient_changes": changes, "step_sizes": [1.0, 2.0],
+                "grad_norm": 1.0}  # fmt: skip
+
+    runs = [{"probe_steps": [1, 5], "probes": [probe([0.5, 2.0], [1.0, 4.0]), probe([0.2, 0.9], [1.0, 1.0])]},
+            {"probe_steps": [1], "probes": [probe([0.1, 3.0], [1.0, 3.0])]}]  # fmt: skip
+    steps, bands = smoothness_report.seed_bands(runs, "loss_range")
+    assert steps == [1, 5] and bands.tolist() == [[0.1, 2.5, 3.0], [0.2, 1.0, 1.0]]
+    steps, bands = smoothness_report.seed_bands(runs, "gradient_predictiveness")
+    assert bands.tolist() == [[3.0, 3.5, 4.0], [1.0, 1.0, 1.0]]
+    steps, bands = smoothness_report.seed_bands(runs, "beta_smoothness")  # change / (step size * |g|)
+    assert bands.tolist() == [[1.5, 1.75, 2.0], [1.0, 1.0, 1.0]]
+    assert smoothness_report.seed_bands([{"probe_steps": [], "probes": []}], "loss_range")[0] == []
+
+
+@pytest.mark.parametrize("seeds", [1, 2])
+def test_the_smoothness_figure_draws_for_one_and_more_seeds(smooth, smooth2, seeds, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = smooth if seeds == 1 else smooth2
+    fig = smoothness_report._smoothness_figure(plt, r)
+    fig.savefig(tmp_path / "smoothness.png", dpi=30)
+    lines = [line for line in fig.axes[1].get_lines()]
+    assert len(lines) == 2 and list(lines[0].get_xdata()) == r["probe_steps"]
+    assert fig.axes[0].get_legend().get_title().get_text() == f"{seeds} seed{'s' if seeds > 1 else ''}"
+    plt.close(fig)
 
 
 def noisy_result(steps: dict[str, int | None], change: dict[str, float]) -> dict:
@@ -151,7 +241,8 @@ def test_the_noisy_bn_sentence_follows_the_numbers():
     assert claim in smoothness_report.noisy_bn_sentence(faster_than_never)
 
 
-def test_report_has_the_sections_tables_and_numbers(smooth, noisy, tmp_path):
+def test_report_has_the_sections_tables_and_numbers(smooth2, noisy, tmp_path):
+    smooth = smooth2
     results = {"config": {**small_config().__dict__, "hidden": [32, 32]}, "smoothness": smooth, "noisy_bn": noisy,
                "dataset": {"name": "digits", "train": 1, "test": 1, "image_shape": [1, 8, 8], "classes": 10},
                "summary": {"smoothness": smoothness.summarize_smoothness(smooth),
@@ -171,8 +262,9 @@ def test_report_has_the_sections_tables_and_numbers(smooth, noisy, tmp_path):
     sections = smoothness_report.html_sections(results, lambda name: f"<img {name}>", figures)
     assert "<h2>Smoothness of the loss along the gradient</h2>" in sections and "<img smoothness.png>" in sections
     assert "<h2>Noisy BN" in sections and "<img noisy_bn.png>" in sections
+    assert "from each of 2 seeds (0, 1:" in sections and "6 probes over 2 seeds" in sections
     text = "\n".join(smoothness_report.text_tables(results))
-    assert "effective β-smoothness" in text and "noisy BN" in text
+    assert "effective β-smoothness" in text and "noisy BN" in text and "6 probes over 2 seeds" in text
     json.dumps(report._clean(results), allow_nan=False)  # strict JSON
 
 

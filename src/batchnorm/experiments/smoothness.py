@@ -1,12 +1,13 @@
 """The demo's two experiments on *why* batch norm helps, after Santurkar et al. (2018).
 
 * **Smoothness** (their Figure 4): the paper's MLP trained with and without BN at the
-  demo's learning rate; at evenly spaced steps, from the parameters of that moment, the
-  loss on one fixed training batch is probed along the gradient at several step sizes
-  (log-spaced around the training rate) with :func:`batchnorm.ics.loss_landscape`. Per
-  probe: the range of the loss, the gradient predictiveness (the largest change of the
-  gradient along the step) and the effective beta-smoothness (the largest gradient change
-  per unit distance). Smaller is smoother.
+  demo's learning rate, from each of ``smoothness_seeds`` seeds; at evenly spaced steps,
+  from the parameters of that moment, the loss on one fixed training batch (drawn from
+  that seed) is probed along the gradient at several step sizes (log-spaced around the
+  training rate) with :func:`batchnorm.ics.loss_landscape`. Per probe: the range of the
+  loss, the gradient predictiveness (the largest change of the gradient along the step)
+  and the effective beta-smoothness (the largest gradient change per unit distance).
+  Smaller is smoother. The summary compares the arms probe by probe, seed by seed.
 
 * **Noisy BN** (their Figure 2): the BN network with :class:`NoisyShift` after every BN
   layer, which in training moves each unit's distribution by a random scale and shift
@@ -44,6 +45,8 @@ __all__ = [
     "probe_steps",
     "run_noisy_bn",
     "run_smoothness",
+    "smoothness_pairs",
+    "smoothness_seeds",
     "smoothness_work",
     "step_sizes",
     "summarize_noisy_bn",
@@ -88,11 +91,13 @@ def _noisy_norm(cfg: Any, generator: torch.Generator) -> Callable[[int], nn.Modu
     return build
 
 
-def _build(arm: str, data: Dataset, cfg: Any) -> nn.Module:
-    kwargs = dict(hidden=cfg.hidden, init_std=cfg.init_std, seed=cfg.seed)
+def _build(arm: str, data: Dataset, cfg: Any, seed: int | None = None) -> nn.Module:
+    """The arm's MLP, initialized from ``seed`` (default ``cfg.seed``)."""
+    seed = cfg.seed if seed is None else seed
+    kwargs = dict(hidden=cfg.hidden, init_std=cfg.init_std, seed=seed)
     features = int(np.prod(data.image_shape))
     if arm == "noisy":
-        generator = torch.Generator().manual_seed(cfg.seed + 1)
+        generator = torch.Generator().manual_seed(seed + 1)
         return mlp(features, data.classes, bn=True, norm=_noisy_norm(cfg, generator), **kwargs)
     return mlp(features, data.classes, bn=arm == "bn", **kwargs)
 
@@ -123,8 +128,13 @@ def step_sizes(lr: float, factors: tuple[float, ...]) -> list[float]:
     return [lr * f for f in factors]
 
 
+def smoothness_seeds(cfg: Any) -> list[int]:
+    """The seeds each arm is trained and probed from: ``cfg.seed + k`` for ``k < cfg.smoothness_seeds``."""
+    return [cfg.seed + k for k in range(cfg.smoothness_seeds)]
+
+
 def smoothness_work(cfg: Any) -> int:
-    return len(SMOOTHNESS_ARMS) * cfg.mlp_steps
+    return len(SMOOTHNESS_ARMS) * cfg.smoothness_seeds * cfg.mlp_steps
 
 
 def _fixed_batch(x_train: torch.Tensor, y_train: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -132,43 +142,71 @@ def _fixed_batch(x_train: torch.Tensor, y_train: torch.Tensor, size: int, seed: 
     return x_train[idx], y_train[idx]
 
 
-def run_smoothness(data: Dataset, cfg: Any, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Per arm: the three smoothness measures (and every probed loss and gradient change) at each probe step."""
+def _probed_run(
+    arm: str,
+    data: Dataset,
+    cfg: Any,
+    seed: int,
+    at: list[int],
+    etas: list[float],
+    progress: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """One arm trained from ``seed`` (initialization, batch order and the fixed probe batch), probed at ``at``."""
     x_train, y_train, x_test, y_test = _tensors(data)
-    xb_fixed, yb_fixed = _fixed_batch(x_train, y_train, cfg.batch_size, cfg.seed)
+    xb_fixed, yb_fixed = _fixed_batch(x_train, y_train, cfg.batch_size, seed)
+    model = _build(arm, data, cfg, seed)
+    probes: list[dict[str, Any]] = []
+
+    def probe(step: int, xb: torch.Tensor, yb: torch.Tensor) -> None:
+        if step in at:
+            probes.append(loss_landscape(model, F.cross_entropy, xb_fixed, yb_fixed, etas).as_dict())
+
+    history = train(model, x_train, y_train, x_test, y_test, steps=cfg.mlp_steps, lr=cfg.mlp_lr,
+                    batch_size=cfg.batch_size, seed=seed, eval_every=cfg.eval_every, before_step=probe,
+                    progress=progress)  # fmt: skip
+    if progress is not None and history.diverged_at is not None:
+        progress(cfg.mlp_steps - history.diverged_at + 1)
+    run = _history(history, cfg.target)
+    run["probe_steps"] = at[: len(probes)]
+    run["probes"] = probes
+    for name in SMOOTHNESS_MEASURES:
+        run[name] = [p[name] for p in probes]
+    return run
+
+
+def run_smoothness(data: Dataset, cfg: Any, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Per arm, one run per seed (``out["arms"][arm]["runs"]``, in the order of ``out["seeds"]``): the three
+    smoothness measures (and every probed loss and gradient change) at each probe step."""
     at = probe_steps(cfg.mlp_steps, cfg.smoothness_points)
     etas = step_sizes(cfg.mlp_lr, cfg.smoothness_step_factors)
+    seeds = smoothness_seeds(cfg)
     out: dict[str, Any] = {"model": "mlp", "lr": cfg.mlp_lr, "steps": cfg.mlp_steps, "probe_steps": at,
-                           "step_sizes": etas, "batch": cfg.batch_size, "arms": {}}  # fmt: skip
+                           "step_sizes": etas, "batch": cfg.batch_size, "seeds": seeds, "arms": {}}  # fmt: skip
     for arm in SMOOTHNESS_ARMS:
-        model = _build(arm, data, cfg)
-        probes: list[dict[str, Any]] = []
-
-        def probe(step: int, xb: torch.Tensor, yb: torch.Tensor, model=model, probes=probes) -> None:
-            if step in at:
-                probes.append(loss_landscape(model, F.cross_entropy, xb_fixed, yb_fixed, etas).as_dict())
-
-        history = train(model, x_train, y_train, x_test, y_test, steps=cfg.mlp_steps, lr=cfg.mlp_lr,
-                        batch_size=cfg.batch_size, seed=cfg.seed, eval_every=cfg.eval_every, before_step=probe,
-                        progress=progress)  # fmt: skip
-        if progress is not None and history.diverged_at is not None:
-            progress(cfg.mlp_steps - history.diverged_at + 1)
-        arm_out = _history(history, cfg.target)
-        arm_out["probe_steps"] = at[: len(probes)]
-        arm_out["probes"] = probes
-        for name in SMOOTHNESS_MEASURES:
-            arm_out[name] = [p[name] for p in probes]
-        out["arms"][arm] = arm_out
+        out["arms"][arm] = {"runs": [_probed_run(arm, data, cfg, seed, at, etas, progress) for seed in seeds]}
     return out
 
 
+def smoothness_pairs(r: dict[str, Any]) -> list[tuple[int, int, int, int]]:
+    """``(seed index, probe step, plain's probe index, BN's probe index)`` for every seed and probe step at which
+    both arms have a probe (an arm that diverged has none after it)."""
+    pairs = []
+    for k, (plain, bn) in enumerate(zip(r["arms"]["plain"]["runs"], r["arms"]["bn"]["runs"], strict=True)):
+        bn_at = {step: i for i, step in enumerate(bn["probe_steps"])}
+        pairs += [(k, step, i, bn_at[step]) for i, step in enumerate(plain["probe_steps"]) if step in bn_at]
+    return pairs
+
+
 def summarize_smoothness(r: dict[str, Any]) -> dict[str, Any]:
-    """Per measure: each arm's median over the probes, and at how many probes BN's value is the smaller."""
-    plain, bn = r["arms"]["plain"], r["arms"]["bn"]
-    n = min(len(plain["probes"]), len(bn["probes"]))
-    out: dict[str, Any] = {"probes_compared": n}
+    """Per measure, over every (seed, probe step) at which both arms have a probe: each arm's median, at how many
+    of these BN's value is the smaller, and the median of plain's value over BN's."""
+    pairs = smoothness_pairs(r)
+    n = len(pairs)
+    plain, bn = r["arms"]["plain"]["runs"], r["arms"]["bn"]["runs"]
+    out: dict[str, Any] = {"seeds": len(plain), "probes_compared": n}
     for name in SMOOTHNESS_MEASURES:
-        a, b = np.asarray(plain[name][:n], float), np.asarray(bn[name][:n], float)
+        a = np.asarray([plain[k][name][i] for k, _, i, _ in pairs], float)
+        b = np.asarray([bn[k][name][j] for k, _, _, j in pairs], float)
         out[name] = {
             "median_plain": float(np.median(a)) if n else None,
             "median_bn": float(np.median(b)) if n else None,

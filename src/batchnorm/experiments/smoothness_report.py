@@ -2,7 +2,7 @@
 
 Two figures, two tables and a one-sentence conclusion per part, for the terminal and
 ``report.html``; ``report`` calls these beside its own. Every sentence is computed from
-the run's numbers: whether BN's loss is the smoother one, and whether the noisy network
+the run's numbers: whether BN's loss is the smoother one (over every seed's probes), and whether the noisy network
 trains fast although its layer inputs move, is whatever this run measured.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 
 from .batch_semantics_report import format_text_tables, html_table
 
-__all__ = ["CAPTIONS", "findings", "html_sections", "noisy_bn_sentence", "smoothness_sentence", "tables",
-           "text_tables", "write_figures"]  # fmt: skip
+__all__ = ["CAPTIONS", "findings", "html_sections", "noisy_bn_sentence", "probe_bands", "seed_bands",
+           "smoothness_sentence", "tables", "text_tables", "write_figures"]  # fmt: skip
 
 ARM_LABELS = {"plain": "without BN", "bn": "with BN", "noisy": "noisy BN"}
 ARM_COLORS = {"plain": "tab:red", "bn": "tab:blue", "noisy": "tab:green"}
@@ -29,11 +29,14 @@ MEASURE_LABELS = {
 
 CAPTIONS = {
     "smoothness.png": "Smoothness of the loss along the gradient (Santurkar et al. 2018, Figure 4), the MLP with and "
-    "without BN, at evenly spaced training steps, on one fixed training batch. From the parameters of that step, the "
-    "loss and its gradient are probed at several step sizes along the gradient; each band spans the minimum to the "
-    "maximum over the step sizes of: the loss (the step's own point included; the band's height is the loss range), "
-    "the l2 change of the gradient (its top: the gradient predictiveness), and that change per unit distance moved "
-    "(its top: the effective β-smoothness). Lower and narrower: smoother. Log scale.",
+    "without BN, each trained from several seeds (the number is in the text above), at evenly spaced training steps, "
+    "on one fixed training batch per seed. From the parameters of that step, the loss and its gradient are probed at "
+    "several step sizes along the gradient. Left: the band spans the lowest to the highest loss at that step over "
+    "every seed and step size (the step's own point included; for one seed its height is the loss range); the line "
+    "is the median over the seeds of the highest loss. Middle and right: the line is the median over the seeds of the "
+    "largest l2 change of the gradient over the step sizes (the gradient predictiveness), and of the largest change "
+    "per unit distance moved (the effective β-smoothness); the band spans the minimum to the maximum over the seeds "
+    "of that same largest value (with one seed, the line alone). Lower: smoother. Log scale.",
     "noisy_bn.png": "Noisy BN (Santurkar et al. 2018, Figure 2): left, test accuracy of the MLP without BN, with BN, "
     "and with BN followed by noise that rescales and shifts every unit by random amounts drawn anew at every step; "
     "right, the batch mean of one unit of the last hidden layer's sigmoid input at the training steps (with noise: "
@@ -74,19 +77,38 @@ def probe_bands(probe: dict[str, Any]) -> dict[str, tuple[float, float]]:
     }
 
 
+def seed_bands(runs: list[dict[str, Any]], measure: str) -> tuple[list[int], np.ndarray]:
+    """The probe steps any seed reached, and per step ``(band low, line, band high)`` over the seeds that reached it:
+    for the loss, the lowest loss of any seed, the median over seeds of each seed's highest loss, and the highest
+    loss of any seed; for the gradient measures, the minimum, median and maximum over seeds of the probe's largest
+    value (its measure)."""
+    by_step: dict[int, list[tuple[float, float]]] = {}
+    for run in runs:
+        for step, probe in zip(run["probe_steps"], run["probes"], strict=True):
+            by_step.setdefault(step, []).append(probe_bands(probe)[measure])
+    steps = sorted(by_step)
+    rows = []
+    for step in steps:
+        lows, tops = np.asarray(by_step[step], float).T
+        low = lows.min() if measure == "loss_range" else tops.min()
+        rows.append((low, np.median(tops), tops.max()))
+    return steps, np.asarray(rows, float).reshape(-1, 3)
+
+
 def _smoothness_figure(plt: Any, r: dict[str, Any]) -> Any:
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    seeds = len(r["seeds"])
     titles = ("loss along the gradient", "gradient change (l2)", "gradient change per distance")
     for ax, measure, title in zip(axes, MEASURE_LABELS, titles, strict=True):
         for arm, a in r["arms"].items():
-            if not a["probes"]:
+            steps, bands = seed_bands(a["runs"], measure)
+            if not steps:
                 continue
-            bands = np.asarray([probe_bands(p)[measure] for p in a["probes"]])
-            ax.fill_between(a["probe_steps"], bands[:, 0], bands[:, 1], color=ARM_COLORS[arm], alpha=0.3,
-                            label=ARM_LABELS[arm])  # fmt: skip
-            ax.plot(a["probe_steps"], bands[:, 1], color=ARM_COLORS[arm], linewidth=1, marker="o", markersize=3)
+            ax.fill_between(steps, bands[:, 0], bands[:, 2], color=ARM_COLORS[arm], alpha=0.3, linewidth=0)
+            ax.plot(steps, bands[:, 1], color=ARM_COLORS[arm], linewidth=1, marker="o", markersize=3,
+                    label=ARM_LABELS[arm])  # fmt: skip
         ax.set(xlabel="training step", title=title, yscale="log")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, title=f"{seeds} seed{'s' if seeds != 1 else ''}", title_fontsize=8)
     return fig
 
 
@@ -119,13 +141,19 @@ def findings(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _over_seeds(n: int, seeds: int) -> str:
+    return f"{n} probes over {seeds} seed{'s' if seeds != 1 else ''}"
+
+
 def smoothness_sentence(r: dict[str, Any], s: dict[str, Any]) -> str:
-    """At how many probes BN's loss is the smoother by each measure, the medians, and what that adds up to."""
-    n = s["probes_compared"]
+    """At how many probes (over all seeds) BN's loss is the smoother by each measure, the medians, and what that
+    adds up to."""
+    n, seeds = s["probes_compared"], s["seeds"]
     etas = r["step_sizes"]
     head = (
-        f"Smoothness along the gradient (the MLP at lr {r['lr']:g}, {n} probes from step {r['probe_steps'][0]} to "
-        f"{r['probe_steps'][-1]}, step sizes {min(etas):g} to {max(etas):g} on one fixed batch)"
+        f"Smoothness along the gradient (the MLP at lr {r['lr']:g}, {_over_seeds(n, seeds)} at steps "
+        f"{r['probe_steps'][0]} to {r['probe_steps'][-1]}, step sizes {min(etas):g} to {max(etas):g} on one fixed "
+        f"batch per seed)"
     )
     if n == 0:
         return f"{head}: no probe to compare (an arm diverged before the first)."
@@ -203,10 +231,10 @@ def _smoothness_table(results: dict[str, Any]) -> tuple[str, list[str], list[lis
         return None
     s = results["summary"]["smoothness"]
     n = s["probes_compared"]
-    header = ["measure", "median without BN", "median with BN", "BN smaller at"]
+    header = ["measure", "median without BN", "median with BN", "BN smaller at (probes)"]
     rows = [[MEASURE_LABELS[m], _num(s[m]["median_plain"]), _num(s[m]["median_bn"]), f"{s[m]['bn_smaller_at']}/{n}"]
             for m in MEASURE_LABELS]  # fmt: skip
-    return f"Smoothness along the gradient, {n} probes", header, rows
+    return f"Smoothness along the gradient, {_over_seeds(n, s['seeds'])}", header, rows
 
 
 def _noisy_bn_table(results: dict[str, Any]) -> tuple[str, list[str], list[list[str]]] | None:
@@ -236,17 +264,22 @@ def html_sections(results: dict[str, Any], figure: Callable[[str], str], figures
     if "smoothness" in results:
         r = results["smoothness"]
         etas = ", ".join(f"{eta:g}" for eta in r["step_sizes"])
+        seeds = r["seeds"]
         parts.append(
             "<h2>Smoothness of the loss along the gradient</h2>"
             f"<p>Santurkar et al. (2018) argue that BN helps by making the loss smoother rather than by reducing "
             f"internal covariate shift. The MLP with and without BN, trained at lr {r['lr']:g} for {r['steps']} "
-            f"steps; before the update of steps {', '.join(map(str, r['probe_steps']))}, "
-            "<code>batchnorm.ics.loss_landscape</code> probes the loss on one fixed training batch of "
+            f"steps from each of {len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}: "
+            "the initialization, the order of the batches and the probe batch; both networks share them); before the "
+            f"update of steps {', '.join(map(str, r['probe_steps']))}, "
+            "<code>batchnorm.ics.loss_landscape</code> probes the loss on that seed's fixed training batch of "
             f"{r['batch']} images at the parameters <i>&theta; &minus; &eta; g</i>, &eta; = {etas} "
             "(<i>g</i> the gradient at &theta;; every point starts from the same &theta;, the model is left as it "
             "was). <b>Loss range</b>: max minus min of the loss over these points; <b>gradient change</b> "
             "(predictiveness): the largest l2 change of the gradient; <b>effective &beta;-smoothness</b>: the largest "
-            f"gradient change per unit distance moved. Smaller is smoother.</p>{html_table(_smoothness_table(results))}"
+            "gradient change per unit distance moved. Smaller is smoother. The table compares the two networks at "
+            "every probe step of every seed (the medians and counts are over these pairs).</p>"
+            f"{html_table(_smoothness_table(results))}"
             f"<p><b>{esc(smoothness_sentence(r, results['summary']['smoothness']))}</b></p>"
             + (figure("smoothness.png") if "smoothness.png" in figures else "")
         )
