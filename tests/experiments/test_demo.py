@@ -33,7 +33,8 @@ def strip_timing(results: dict) -> dict:
     return results
 
 
-ONLY_MLP = "cnn,sweep,small-batch,shift,smoothness,noisy-bn"  # the parts a test of the run folder does not need
+# the parts a test of the run folder does not need
+ONLY_MLP = "cnn,sweep,small-batch,shift,smoothness,noisy-bn,population"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,7 @@ def test_run_folder_is_complete(tiny_run, capsys):
     names = {p.name for p in tiny_run.iterdir()}
     figures = {f"{part}_{kind}.png" for part in ("mlp", "cnn") for kind in ("curves", "percentiles", "drift", "ics")}
     assert names == figures | {"lr_sweep.png", "small_batch.png", "shift.png", "smoothness.png", "noisy_bn.png",
+                               "population.png",
                                "results.json", "report.html", "batchnorm-demo-manifest.json"}  # fmt: skip
     assert all((tiny_run / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in figures)
     results = json.loads((tiny_run / "results.json").read_text())  # strict JSON: no NaN
@@ -60,7 +62,7 @@ def test_run_folder_is_complete(tiny_run, capsys):
     ics = results["mlp"]["arms"]["plain"]["ics"]["layers"]
     assert list(ics) == ["hidden1", "hidden2", "hidden3", "output"] and ics["hidden1"]["diff_norm"][0] == 0.0
     page = (tiny_run / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 13 and "What this run shows" in page
+    assert page.count("data:image/png;base64,") == 14 and "What this run shows" in page
     assert "<h2>Small batches</h2>" in page and "<h2>Distribution shift: test-time adaptation</h2>" in page
     assert not list(tiny_run.glob(".*"))  # no staging folder left behind
     assert tiny_run.stat().st_mode & 0o055 == 0o055 & ~_umask()  # an ordinary folder, not a private temp one
@@ -158,7 +160,7 @@ def one_error_line(capsys) -> str:
         (
             ["--skip", "mlp"],
             2,
-            "--skip: cannot skip ['mlp']; only cnn, sweep, small-batch, shift, smoothness, noisy-bn",
+            "--skip: cannot skip ['mlp']; only cnn, sweep, small-batch, shift, smoothness, noisy-bn, population",
         ),
         (["--data", "imagenet"], 2, "--data: unknown dataset 'imagenet'"),
         (["--data", "mnist:/does/not/exist"], 1, "dataset folder not found"),
