@@ -170,7 +170,8 @@ def _accuracy_metric(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _gap(model: nn.Module, v: int, tensors: tuple[torch.Tensor, ...], seed: int) -> dict[str, Any]:
-    """Batch against population statistics at normalization batch ``v``, on shuffled test and training sets."""
+    """Batch against population statistics at normalization batch ``v``, on shuffled test and training sets (None
+    for a set smaller than ``v``)."""
     x_train, y_train, x_test, y_test = tensors
     # whole ghosts only: chunks and the set cut to multiples of v, so no ghost has a single sample
     population = _precise_from(model, x_train[: len(x_train) // v * v], v * -(-PRECISE_CHUNK // v))
@@ -178,7 +179,8 @@ def _gap(model: nn.Module, v: int, tensors: tuple[torch.Tensor, ...], seed: int)
     generator = torch.Generator().manual_seed(seed + 4)
     for split, x, y in (("test", x_test, y_test), ("train", x_train, y_train)):
         order = torch.randperm(len(x), generator=generator)
-        out[split] = mode_gap(population, _accuracy_metric, x[order], y[order], v).as_dict()
+        # a set smaller than one batch of v (a tiny dataset) has no batch statistics to score
+        out[split] = mode_gap(population, _accuracy_metric, x[order], y[order], v).as_dict() if len(x) >= v else None
     return out
 
 
@@ -234,8 +236,9 @@ def summarize_population(r: dict[str, Any]) -> dict[str, Any]:
         done = [g for g in runs if g["diverged_at"] is None]
         gaps[v] = {"diverged": len(runs) - len(done)}
         for split in ("test", "train"):
+            scored = [g[split] for g in done if g[split] is not None]
             for key in ("batch_statistics", "population_statistics", "gap"):
-                gaps[v][f"{split}_{key}"] = float(np.mean([g[split][key] for g in done])) if done else None
+                gaps[v][f"{split}_{key}"] = float(np.mean([g[key] for g in scored])) if scored else None
     out["gaps"] = gaps
     return out
 

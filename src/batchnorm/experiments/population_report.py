@@ -94,6 +94,7 @@ def _figure(plt: Any, r: dict[str, Any], s: dict[str, Any]) -> Any:
     gap_ax.set(xscale="log", xlabel="normalization batch size", ylabel="test accuracy", ylim=(0, 1),
                title="batch vs population statistics")  # fmt: skip
     gap_ax.set_xticks(sizes, [str(v) for v in sizes])
+    gap_ax.minorticks_off()  # the log axis' own minor labels would overlap the sizes
     gap_ax.legend(fontsize=7, loc="lower right")
     return fig
 
@@ -146,13 +147,15 @@ def gap_sentence(r: dict[str, Any], s: dict[str, Any]) -> str:
             f"{', '.join(map(str, r['norm_batches']))}, {_seeds(len(r['seeds']))}; test accuracy normalizing by the "
             "statistics of batches of that size, as in training, minus eval mode)")  # fmt: skip
     if not sizes:
-        return f"{head}: no run trained without diverging."
+        return f"{head}: nothing to compare (every run diverged, or the test set is smaller than every batch size)."
     parts = ", ".join(
         f"{v}: {_pct(gaps[str(v)]['test_batch_statistics'])} vs {_pct(gaps[str(v)]['test_population_statistics'])}"
         for v in sizes
     )
     small, large = gaps[str(sizes[0])]["test_gap"], gaps[str(sizes[-1])]["test_gap"]
-    if abs(small) > abs(large):
+    if len(sizes) == 1:
+        verdict = f"one normalization batch size only, nothing to compare it with ({_points(small)})"
+    elif abs(small) > abs(large):
         verdict = (f"the two modes disagree most at normalization batch {sizes[0]} ({_points(small)}) and least at "
                    f"{sizes[-1]} ({_points(large)}): the smaller the batch the layers normalized with, the further "
                    "eval mode is from what training did")  # fmt: skip
@@ -227,7 +230,7 @@ def html_sections(results: dict[str, Any], figure: Callable[[str], str], figures
         f"batches (normalization batch sizes {', '.join(map(str, r['norm_batches']))}; {r['batch']} is plain BN) "
         "and scored with batch statistics of that size and in eval mode after precise statistics "
         "(<code>batchnorm.ics.mode_gap</code>), on the test and the training set.</p>"
-        + "".join(html_table(t) for t in tables(results))
+        + "".join(f"<p><i>{esc(t[0])}</i></p>{html_table(t)}" for t in tables(results))
         + sentences
         + (figure("population.png") if "population.png" in figures else "")
     )
