@@ -62,7 +62,9 @@ def test_run_folder_is_complete(tiny_run, capsys):
     ics = results["mlp"]["arms"]["plain"]["ics"]["layers"]
     assert list(ics) == ["hidden1", "hidden2", "hidden3", "output"] and ics["hidden1"]["diff_norm"][0] == 0.0
     page = (tiny_run / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 14 and "What this run shows" in page
+    # the 14 figures, and the six chapters of the story each show one of them again as a thumbnail
+    assert page.count("data:image/png;base64,") == 14 + 6 and "What this run shows" in page
+    assert page.count("<div class='chapter'>") == 6 and "What the field believes now" in page
     assert "<h2>Small batches</h2>" in page and "<h2>Distribution shift: test-time adaptation</h2>" in page
     assert not list(tiny_run.glob(".*"))  # no staging folder left behind
     assert tiny_run.stat().st_mode & 0o055 == 0o055 & ~_umask()  # an ordinary folder, not a private temp one

@@ -40,7 +40,7 @@ def test_report_renders_with_every_figure_in_chromium(tmp_path):
     found = re.search(r'data-probe="(\d+)/(\d+)/([^"]*)"', result.stdout)
     assert found, f"the page did not finish loading: {result.stderr[-1500:]}"
     loaded, total, title = int(found.group(1)), int(found.group(2)), found.group(3)
-    # 9 figures, small_batch, shift, smoothness, noisy_bn
-    assert total == page.count("<img ") == 13 and loaded == total, (loaded, total)
+    # 9 figures, small_batch, shift, smoothness, noisy_bn, population; 6 thumbnails in the story
+    assert total == page.count("<img ") == 14 + 6 and loaded == total, (loaded, total)
     assert title == "batchnorm demo: digits"
     shutil.copy(out / "report.html", tmp_path / "kept.html")  # what the browser saw stays readable on failure

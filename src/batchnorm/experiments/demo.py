@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             _usage_error(f"--backend: {error}")
     from batchnorm.run_folder import RunFolder
 
-    from . import report
+    from . import report, story
 
     folder = RunFolder(args.out, "demo")
     out = folder.out
@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         figures = report.write_figures(results, recorders, tmp)
         results["timing_seconds"]["total"] = time.perf_counter() - started
         results["figures"] = figures
+        results["story"] = story.to_json(results)
         report.write_json(results, tmp / "results.json")
         report.write_html(results, figures, tmp)
         folder.publish()

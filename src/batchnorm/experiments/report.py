@@ -19,7 +19,7 @@ import numpy as np
 
 from batchnorm.ics import InputRecorder, plot_percentiles
 
-from . import batch_semantics_report, population_report, smoothness_report
+from . import batch_semantics_report, population_report, smoothness_report, story
 
 __all__ = ["findings", "summary_table", "write_figures", "write_html", "write_json"]
 
@@ -254,14 +254,6 @@ def _lr_range(rng: Any, tried: list[float] | None = None) -> str:
     return f"{_lr(rng[0], tried)} to {_lr(rng[1], tried)}"
 
 
-ICS_MEANING = (
-    "The lecture says batch norm helps by reducing internal covariate shift. Measured as Santurkar et al. "
-    "(2018) measure it, the change of a layer's gradient when the layers before it take their step, it is not "
-    "smaller with batch norm here, yet the network with batch norm trains faster: as they concluded, batch "
-    "norm's benefit is not explained by less covariate shift (they show it makes the loss smoother instead)."
-)
-
-
 def findings(results: dict[str, Any]) -> list[str]:
     """What this run showed, one sentence per claim, from the numbers alone."""
     out = []
@@ -293,15 +285,8 @@ def findings(results: dict[str, Any]) -> list[str]:
                 f"per-feature input means: {drift[0]} without BN, {drift[1]} with BN."
             )
         rel_p, rel_b = p["ics_mean_relative_diff"], b["ics_mean_relative_diff"]
-        layers = [n for n in list(rel_p)[1:] if n in rel_b]  # the first layer has nothing upstream
-        if layers:
-            ratios = [rel_b[n] / rel_p[n] if rel_p[n] > 0 else math.inf for n in layers]
-            if all(r < 0.8 for r in ratios):
-                verdict = "lower with BN in every layer"
-            elif all(r > 1.25 for r in ratios):
-                verdict = "higher with BN in every layer"
-            else:
-                verdict = "not consistently lower with BN"
+        layers, verdict = story.gradient_ics_verdict(rel_p, rel_b)
+        if verdict is not None:
             out.append(
                 f"{_title(part)}: gradient ICS ||G - G'||/||G|| (mean over measured steps) per layer, without BN "
                 + ", ".join(f"{n} {rel_p[n]:.3g}" for n in layers)
@@ -412,12 +397,17 @@ def write_html(results: dict[str, Any], figures: list[str], folder: Path) -> Non
     cfg = results["config"]
     rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in summary_rows(results))
 
+    def data(name: str) -> str:
+        return f"data:image/png;base64,{base64.b64encode((folder / name).read_bytes()).decode()}"
+
     def figure(name: str) -> str:
         return (
-            f"<figure><img alt='{esc(name)}' src='data:image/png;base64,"
-            f"{base64.b64encode((folder / name).read_bytes()).decode()}'><figcaption>{esc(_CAPTIONS.get(name, name))}"
-            f"</figcaption></figure>"
+            f"<figure id='{esc(name)}'><img alt='{esc(name)}' src='{data(name)}'><figcaption>"
+            f"{esc(_CAPTIONS.get(name, name))}</figcaption></figure>"
         )
+
+    def thumbnail(name: str) -> str:
+        return f"<a class='thumb' href='#{esc(name)}'><img alt='{esc(name)}' src='{data(name)}'></a>"
 
     own = {name for page in PAGES for name in page.CAPTIONS}  # drawn in their own sections
     figs = "".join(figure(name) for name in figures if name not in own)
@@ -431,7 +421,7 @@ def write_html(results: dict[str, Any], figures: list[str], folder: Path) -> Non
         if cfg.get("smoke_run")
         else ""
     )
-    ics_text = f"<p>{esc(ICS_MEANING)}</p>" if any(f"{p}_ics.png" in figures for p in ("mlp", "cnn")) else ""
+    narrative = story.html_section(results, thumbnail, figures)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>batchnorm demo: {esc(d["name"])}</title>
 <style>
@@ -440,6 +430,10 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 td:first-child {{ text-align: left; }} figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 figcaption {{ color: #555; font-size: 0.9em; }} code {{ background: #f3f3f3; padding: 0 3px; }}
 .smoke {{ background: #fff3cd; border: 1px solid #e0c060; padding: 0.5em 1em; }}
+.chapter {{ display: flex; gap: 1em; align-items: flex-start; border-top: 1px solid #ddd; padding: 0.3em 0; }}
+.chapter .words {{ flex: 1; }} .chapter h3 {{ margin: 0.4em 0; font-size: 1.05em; }}
+.thumb img {{ width: 300px; border: 1px solid #ccc; }}
+.verdict.agrees {{ color: #1a6b1a; }} .verdict.disagrees {{ color: #a11; }} .verdict.mixed {{ color: #8a5a00; }}
 </style></head><body>
 <h1>What batch normalization changes</h1>
 {smoke}
@@ -450,8 +444,8 @@ sigmoid units, weights N(0, {cfg["init_std"]}&sup2;), with and without BN before
 initialization. Every number is in <code>results.json</code>.</p>
 <h2>Key numbers</h2>
 <table><tr><th></th><th>without BN</th><th>with BN</th></tr>{rows}</table>
+{narrative}
 <h2>What this run shows</h2><ul>{facts}</ul>
-{ics_text}
 <h2>How to read it</h2>
 <p>Accuracy is measured on the test set in eval mode (population statistics); the arm with BN is plotted from
 the first evaluation after step 0, since at step 0 its running statistics are still their initial values.

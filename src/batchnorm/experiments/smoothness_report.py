@@ -16,8 +16,9 @@ import numpy as np
 
 from .batch_semantics_report import format_text_tables, html_table
 
-__all__ = ["CAPTIONS", "findings", "html_sections", "noisy_bn_sentence", "probe_bands", "seed_bands",
-           "smoothness_sentence", "tables", "text_tables", "write_figures"]  # fmt: skip
+__all__ = ["CAPTIONS", "findings", "html_sections", "noisy_bn_sentence", "noisy_verdict", "probe_bands", "seed_bands",
+           "smoother_measures", "smoothness_sentence", "smoothness_verdict", "tables", "text_tables",
+           "write_figures"]  # fmt: skip
 
 ARM_LABELS = {"plain": "without BN", "bn": "with BN", "noisy": "noisy BN"}
 ARM_COLORS = {"plain": "tab:red", "bn": "tab:blue", "noisy": "tab:green"}
@@ -162,7 +163,7 @@ def smoothness_sentence(r: dict[str, Any], s: dict[str, Any]) -> str:
         f" with BN, {s[m]['median_plain']:.3g} without)"
         for m in MEASURE_LABELS
     ]
-    return f"{head}: {'; '.join(parts)}; {_smoothness_verdict(s, n)}."
+    return f"{head}: {'; '.join(parts)}; {smoothness_verdict(s, n)}."
 
 
 def _bn_smoother(m: dict[str, Any], n: int) -> bool:
@@ -170,8 +171,13 @@ def _bn_smoother(m: dict[str, Any], n: int) -> bool:
     return m["bn_smaller_at"] > n / 2 and m["median_bn"] < m["median_plain"]
 
 
-def _smoothness_verdict(s: dict[str, Any], n: int) -> str:
-    smoother = [MEASURE_LABELS[m] for m in MEASURE_LABELS if _bn_smoother(s[m], n)]
+def smoother_measures(s: dict[str, Any], n: int) -> list[str]:
+    """The measures by which BN's loss is the smoother: smaller at most of the ``n`` probes and in the median."""
+    return [m for m in MEASURE_LABELS if _bn_smoother(s[m], n)]
+
+
+def smoothness_verdict(s: dict[str, Any], n: int) -> str:
+    smoother = [MEASURE_LABELS[m] for m in smoother_measures(s, n)]
     if len(smoother) == len(MEASURE_LABELS):
         return "by every measure the loss is smoother with BN, as Santurkar et al. report"
     if not smoother:
@@ -195,7 +201,7 @@ def noisy_bn_sentence(r: dict[str, Any]) -> str:
         f"Noisy BN (every BN output unit scaled by U({1 - noise['scale_spread']:g}, {1 + noise['scale_spread']:g}) "
         f"and shifted by N(0, {noise['shift_std']:g}²), drawn anew every step): steps to {target:.0%} test accuracy: "
         f"{reach} (final {final}); the batch mean of a {r['layer']} sigmoid input moves from step to step by {moves} "
-        f"(RMS over units); {_noisy_verdict(arms, change)}."
+        f"(RMS over units); {noisy_verdict(arms, change)}."
     )
 
 
@@ -203,7 +209,7 @@ def _num(v: Any) -> str:
     return "-" if v is None else f"{v:.3g}"
 
 
-def _noisy_verdict(arms: dict[str, Any], change: dict[str, Any]) -> str:
+def noisy_verdict(arms: dict[str, Any], change: dict[str, Any]) -> str:
     noisy, plain = arms["noisy"]["steps_to_target"], arms["plain"]["steps_to_target"]
     if noisy is None:
         return "the noisy network never reached the target: here the noise undoes BN's fast training"
