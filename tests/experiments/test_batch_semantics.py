@@ -3,14 +3,13 @@ the effects they exist to show (on small, fast configurations), and the sentence
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import pytest
 import torch
 
 import batchnorm
-from batchnorm.experiments import batch_semantics, batch_semantics_report, datasets, demo, models
+from batchnorm.experiments import batch_semantics, batch_semantics_report, datasets, models
 from batchnorm.experiments.experiment import PARTS, Config
 
 
@@ -212,11 +211,3 @@ def test_skip_leaves_the_parts_out_of_the_work():
     assert set(Config(skip=("small-batch", "shift")).work()) == {"mlp", *PARTS} - {"small-batch", "shift"}
     cfg = small_config()
     assert cfg.work()["small-batch"] == 2 * (400 + 100) + 2 * 50  # bn and renorm at 2 and 8, the ghosts; precise: 0
-
-
-def test_help_names_the_new_parts():
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    text = " ".join(parser.format_help().split())
-    assert "small-batch (BN, Batch Renorm, ghost batches, precise statistics at batch 2, 4, 8)" in text
-    assert "shift (test-time adaptation to shifted images)" in text

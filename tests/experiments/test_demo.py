@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -248,3 +249,21 @@ def test_progress_is_a_line_every_few_seconds_when_not_a_terminal(tmp_path, caps
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines and all(line.startswith("MLP, both arms: ") for line in lines)
     assert lines[-1].startswith("MLP, both arms: 80/80 steps (100%)")
+
+
+def test_help_names_every_part_and_says_what_each_panel_shows():
+    import argparse
+
+    from batchnorm.experiments import demo
+    from batchnorm.experiments.experiment import PARTS
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    text = parser.format_help()
+    start = text.index("leave out parts")
+    skip = " ".join(text[start : text.index("--threads N", start)].split())
+    panels = text[text.index("what report.html shows") :]
+    for part in PARTS:
+        assert part in skip
+        assert re.search(rf"^  ([\w-]+, )*{re.escape(part)}[ ,]", panels, re.MULTILINE), part
+    assert "the story" in panels and "Wu & Johnson" in panels

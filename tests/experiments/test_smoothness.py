@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from batchnorm.experiments import datasets, demo, report, smoothness, smoothness_report
+from batchnorm.experiments import datasets, report, smoothness, smoothness_report
 from batchnorm.experiments.experiment import Config
 
 
@@ -272,15 +272,6 @@ def test_skip_names_both_parts():
     assert {"smoothness", "noisy-bn"} <= set(Config().work())
     assert not {"smoothness", "noisy-bn"} & set(Config(skip=("smoothness", "noisy-bn")).work())
     assert "noisy-bn" in Config(skip=("smoothness",)).work()
-
-
-def test_cli_help_names_the_parts():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    text = parser.format_help()
-    assert "smoothness" in text and "noisy-bn" in text
 
 
 @pytest.mark.parametrize(("overrides", "message"), [({"smoothness_points": 0}, "smoothness-points must be positive"),

@@ -24,7 +24,29 @@ def _usage_error(message: str) -> None:
     raise UsageError(message)
 
 
+PANELS = """\
+what report.html shows (every number also in results.json):
+  the story        the argument from the lecture to today, one claim per chapter: the
+                   claim, this run's numbers, whether they agree, the figure
+  mlp, cnn         training with and without BN: accuracy and loss curves, the
+                   percentiles of a last-layer input (the paper's Figure 1), input
+                   drift, gradient ICS (Santurkar et al.), one image at a time with
+                   batch vs population statistics, the folded multiply-add
+  sweep            the learning rates at which each trains (several seeds)
+  small-batch      BN, Batch Renorm, ghost batches, precise statistics at batch 2, 4, 8
+  shift            shifted test images as trained, after AdaBN, after TENT
+  smoothness       the loss and its gradient probed along the gradient during
+                   training, with and without BN, over seeds (Santurkar et al. Fig. 4)
+  noisy-bn         random per-step shifts and scales after every BN (their Fig. 2)
+  population       moving averages at several momenta and precise statistics from N
+                   samples against the true statistics (error, accuracy); batch vs
+                   population statistics per normalization batch size (Wu & Johnson)
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = PANELS
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--data", default="digits", metavar="SPEC",
                         help="digits (embedded, default), mnist:DIR, fashion-mnist:DIR or cifar10:DIR")  # fmt: skip
     parser.add_argument("--out", default="batchnorm-demo", metavar="DIR",
@@ -42,10 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-steps", type=int, metavar="N", help="training steps of each sweep run")
     parser.add_argument("--init-std", type=float, metavar="X", help="std of the MLP's Gaussian initial weights")
     parser.add_argument("--skip", default="", metavar="PARTS",
-                        help="leave out parts, comma-separated: cnn, sweep, small-batch (BN, Batch Renorm, ghost "
-                        "batches, precise statistics at batch 2, 4, 8), shift (test-time adaptation to shifted "
-                        "images), smoothness (the loss probed along the gradient, with and without BN), noisy-bn "
-                        "(noise after every BN layer)")  # fmt: skip
+                        help="leave out parts, comma-separated: cnn, sweep, small-batch, shift, smoothness, "
+                        "noisy-bn, population (what each shows: below)")  # fmt: skip
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (default: 1 for digits' tiny networks, else torch's)")  # fmt: skip
     parser.add_argument("--backend", metavar="NAME",
