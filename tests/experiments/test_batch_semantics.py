@@ -9,23 +9,10 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm.experiments import batch_semantics, batch_semantics_report, datasets, models
+from batchnorm.experiments import batch_semantics, batch_semantics_report, models
 from batchnorm.experiments.experiment import PARTS, Config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as the demo uses on digits: tiny ops on two threads can be a hundred times slower
-    on a busy machine (the threads wait for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return datasets.load("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")  # the demo runs digits on one thread
 
 
 def small_config(**overrides) -> Config:

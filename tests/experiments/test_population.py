@@ -12,25 +12,14 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm.experiments import datasets, population, population_report
+from batchnorm.experiments import population, population_report
 from batchnorm.experiments.experiment import Config
 from batchnorm.experiments.models import mlp
 from batchnorm.experiments.training import accuracy, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # the demo runs digits on one thread
+
 matplotlib.use("Agg")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return datasets.load("digits")
 
 
 def small_config(**overrides) -> Config:

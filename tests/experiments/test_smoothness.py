@@ -10,21 +10,10 @@ import math
 import pytest
 import torch
 
-from batchnorm.experiments import datasets, report, smoothness, smoothness_report
+from batchnorm.experiments import report, smoothness, smoothness_report
 from batchnorm.experiments.experiment import Config
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return datasets.load("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")  # the demo runs digits on one thread
 
 
 def small_config(**overrides) -> Config:

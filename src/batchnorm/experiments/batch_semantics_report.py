@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .words import count_seeds, pct, points
+
 __all__ = [
     "CAPTIONS", "findings", "format_text_tables", "html_sections", "html_table", "tables", "text_tables",
     "write_figures",
@@ -34,21 +36,9 @@ CAPTIONS = {
 }
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{v:.1%}"
-
-
 def _mean(v: Any) -> str:
     """A mean over seeds; None only where a seed diverged."""
     return "diverged (a seed)" if v is None else f"{v:.1%}"
-
-
-def _seeds(n: int) -> str:
-    return "one seed" if n == 1 else f"{n} seeds"
-
-
-def _points(v: float) -> str:
-    return f"{100 * v:+.1f} points"
 
 
 # --- figures ----------------------------------------------------------------------
@@ -82,7 +72,7 @@ def _small_batch_figure(plt: Any, r: dict[str, Any]) -> Any:
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.minorticks_off()
     ax.set(xlabel="training batch size (normalization batch)", ylabel="test accuracy", ylim=(0, 1),
-           title=f"MLP, {r['examples']} training examples per run, " + _seeds(len(r["seeds"])))  # fmt: skip
+           title=f"MLP, {r['examples']} training examples per run, " + count_seeds(len(r["seeds"])))  # fmt: skip
     ax.legend(loc="lower right", fontsize=8)
     return fig
 
@@ -144,16 +134,16 @@ def _small_batch_verdict(mean: dict, spread: dict, size: str, others: list[str],
     gain = best_acc - mean["bn"][size]
     width = max(spread[m][size][1] - spread[m][size][0] for m in ("bn", best))
     if gain <= 0:
-        return f"none beats BN there (the best, {METHOD_LABELS[best]}, is {_points(gain)})"
+        return f"none beats BN there (the best, {METHOD_LABELS[best]}, is {points(gain)})"
     if seeds == 1:
-        return f"{METHOD_LABELS[best]} gains the most over BN, {_points(gain)} (one seed: no spread measured)"
+        return f"{METHOD_LABELS[best]} gains the most over BN, {points(gain)} (one seed: no spread measured)"
     if gain > width:
         return (
-            f"{METHOD_LABELS[best]} gains the most over BN, {_points(gain)}, more than the seeds of either differ "
+            f"{METHOD_LABELS[best]} gains the most over BN, {points(gain)}, more than the seeds of either differ "
             f"({100 * width:.1f} points)"
         )
     return (
-        f"{METHOD_LABELS[best]} comes out ahead of BN by {_points(gain)}, within how much the seeds differ "
+        f"{METHOD_LABELS[best]} comes out ahead of BN by {points(gain)}, within how much the seeds differ "
         f"({100 * width:.1f} points)"
     )
 
@@ -163,15 +153,15 @@ def shift_sentence(r: dict[str, Any]) -> str:
     if r["diverged_at"] is not None:
         return f"Distribution shift: the CNN diverged at step {r['diverged_at']}; nothing to adapt."
     shifts = r["shifts"]
-    arrows = ", ".join(f"{name} {' -> '.join(_pct(s[a]) for a in ADAPTATION_LABELS)}" for name, s in shifts.items())
+    arrows = ", ".join(f"{name} {' -> '.join(pct(s[a]) for a in ADAPTATION_LABELS)}" for name, s in shifts.items())
     stats_gain = {n: s["statistics"] - s["source"] for n, s in shifts.items()}
     affine_gain = [s["affine"] - s["statistics"] for s in shifts.values()]
     most, least = max(stats_gain, key=stats_gain.get), min(stats_gain, key=stats_gain.get)
     return (
-        f"Distribution shift (the CNN, {_pct(r['clean_test_acc'])} on clean test images; adapted on unlabeled "
+        f"Distribution shift (the CNN, {pct(r['clean_test_acc'])} on clean test images; adapted on unlabeled "
         f"shifted images of one half of the test set, scored on the other): as trained -> statistics adapted -> "
         f"γ/β adapted, {arrows}; adapting the statistics changes accuracy most on {most} "
-        f"({_points(stats_gain[most])}) and least on {least} ({_points(stats_gain[least])}), and adapting γ/β as well "
+        f"({points(stats_gain[most])}) and least on {least} ({points(stats_gain[least])}), and adapting γ/β as well "
         f"changes it by a further {100 * min(affine_gain):+.1f} to {100 * max(affine_gain):+.1f} points."
     )
 
@@ -197,8 +187,8 @@ def _shift_table(results: dict[str, Any]) -> tuple[str, list[str], list[list[str
         return None
     r = results["shift"]
     header = ["shift", *ADAPTATION_LABELS.values()]
-    rows = [["clean", _pct(r["clean_test_acc"]), "", ""]]
-    rows += [[n, *(_pct(s[a]) for a in ADAPTATION_LABELS)] for n, s in r["shifts"].items()]
+    rows = [["clean", pct(r["clean_test_acc"]), "", ""]]
+    rows += [[n, *(pct(s[a]) for a in ADAPTATION_LABELS)] for n, s in r["shifts"].items()]
     return "Distribution shift: test accuracy of the CNN", header, rows
 
 

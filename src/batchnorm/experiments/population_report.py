@@ -17,6 +17,7 @@ import numpy as np
 
 from .batch_semantics_report import format_text_tables, html_table
 from .population import effective_samples
+from .words import count_seeds, num, pct, points
 
 __all__ = ["CAPTIONS", "estimation_sentence", "findings", "gap_sentence", "html_sections", "tables", "text_tables",
            "write_figures"]  # fmt: skip
@@ -32,22 +33,6 @@ CAPTIONS = {
     "normalization (ghost) batch size, test accuracy normalizing by the statistics of batches of that size as in "
     "training (solid) and in eval mode with the population's statistics (dashed); mean over seeds.",
 }
-
-
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{v:.1%}"
-
-
-def _num(v: Any) -> str:
-    return "-" if v is None else f"{v:.3g}"
-
-
-def _points(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:+.1f} points"
-
-
-def _seeds(n: int) -> str:
-    return "one seed" if n == 1 else f"{n} seeds"
 
 
 # --- figures ----------------------------------------------------------------------
@@ -111,7 +96,7 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 
 def estimation_sentence(r: dict[str, Any], s: dict[str, Any]) -> str:
-    head = f"Population statistics (the BN MLP, {_seeds(len(r['seeds']))}, {r['draws']} draws per sample count)"
+    head = f"Population statistics (the BN MLP, {count_seeds(len(r['seeds']))}, {r['draws']} draws per sample count)"
     if not s["seeds_estimated"]:
         return f"{head}: no estimate (every run diverged)."
     first, last = str(r["samples"][0]), str(r["samples"][-1])
@@ -144,24 +129,24 @@ def gap_sentence(r: dict[str, Any], s: dict[str, Any]) -> str:
     gaps = s["gaps"]
     sizes = [v for v in r["norm_batches"] if gaps[str(v)]["test_gap"] is not None]
     head = ("Batch against population statistics (the MLP trained with normalization batches of "
-            f"{', '.join(map(str, r['norm_batches']))}, {_seeds(len(r['seeds']))}; test accuracy normalizing by the "
-            "statistics of batches of that size, as in training, minus eval mode)")  # fmt: skip
+            f"{', '.join(map(str, r['norm_batches']))}, {count_seeds(len(r['seeds']))}; test accuracy normalizing by "
+            "the statistics of batches of that size, as in training, minus eval mode)")  # fmt: skip
     if not sizes:
         return f"{head}: nothing to compare (every run diverged, or the test set is smaller than every batch size)."
     parts = ", ".join(
-        f"{v}: {_pct(gaps[str(v)]['test_batch_statistics'])} vs {_pct(gaps[str(v)]['test_population_statistics'])}"
+        f"{v}: {pct(gaps[str(v)]['test_batch_statistics'])} vs {pct(gaps[str(v)]['test_population_statistics'])}"
         for v in sizes
     )
     small, large = gaps[str(sizes[0])]["test_gap"], gaps[str(sizes[-1])]["test_gap"]
     if len(sizes) == 1:
-        verdict = f"one normalization batch size only, nothing to compare it with ({_points(small)})"
+        verdict = f"one normalization batch size only, nothing to compare it with ({points(small)})"
     elif abs(small) > abs(large):
-        verdict = (f"the two modes disagree most at normalization batch {sizes[0]} ({_points(small)}) and least at "
-                   f"{sizes[-1]} ({_points(large)}): the smaller the batch the layers normalized with, the further "
+        verdict = (f"the two modes disagree most at normalization batch {sizes[0]} ({points(small)}) and least at "
+                   f"{sizes[-1]} ({points(large)}): the smaller the batch the layers normalized with, the further "
                    "eval mode is from what training did")  # fmt: skip
     else:
-        verdict = (f"the gap at normalization batch {sizes[0]} ({_points(small)}) is no larger than at {sizes[-1]} "
-                   f"({_points(large)}) in this run")  # fmt: skip
+        verdict = (f"the gap at normalization batch {sizes[0]} ({points(small)}) is no larger than at {sizes[-1]} "
+                   f"({points(large)}) in this run")  # fmt: skip
     diverged = sum(gaps[str(v)]["diverged"] for v in r["norm_batches"])
     note = f" ({diverged} runs diverged and are left out)" if diverged else ""
     return f"{head}{note}: {parts}; {verdict}."
@@ -174,14 +159,14 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
     r, s = results["population"], results["summary"]["population"]
     out = []
     if s["seeds_estimated"]:
-        rows = [[f"precise, {n} samples", str(n), _num(s["precise"][str(n)]["error"]),
-                 _pct(s["precise"][str(n)]["test_acc"])] for n in r["samples"]]  # fmt: skip
+        rows = [[f"precise, {n} samples", str(n), num(s["precise"][str(n)]["error"]),
+                 pct(s["precise"][str(n)]["test_acc"])] for n in r["samples"]]  # fmt: skip
         whole = s["precise_whole_set"]
-        rows.append(["precise, whole training set", str(r["whole_set"]), _num(whole["error"]), _pct(whole["test_acc"])])
+        rows.append(["precise, whole training set", str(r["whole_set"]), num(whole["error"]), pct(whole["test_acc"])])
         for m, v in s["moving_average"].items():
             label = f"moving average, momentum {float(m):g}" + (" (as trained)" if float(m) == r["layer_momentum"]
                                                                   else "")  # fmt: skip
-            rows.append([label, f"~{v['effective_samples']:.0f}", _num(v["error"]), _pct(v["test_acc"])])
+            rows.append([label, f"~{v['effective_samples']:.0f}", num(v["error"]), pct(v["test_acc"])])
         out.append(("Estimating the population statistics (medians over seeds and draws)",
                     ["estimate", "samples", "statistics error", "test accuracy"], rows))  # fmt: skip
     header = ["normalization batch", "test: batch stats", "test: population", "gap", "train: batch stats",
@@ -191,8 +176,8 @@ def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         g = s["gaps"][str(v)]
         cells = []
         for split in ("test", "train"):
-            cells += [_pct(g[f"{split}_batch_statistics"]), _pct(g[f"{split}_population_statistics"]),
-                      _points(g[f"{split}_gap"])]  # fmt: skip
+            cells += [pct(g[f"{split}_batch_statistics"]), pct(g[f"{split}_population_statistics"]),
+                      points(g[f"{split}_gap"])]  # fmt: skip
         rows.append([str(v), *cells])
     out.append(("Batch against population statistics, per normalization batch size (mean over seeds)", header, rows))
     return out

@@ -20,6 +20,7 @@ import numpy as np
 from batchnorm.ics import InputRecorder, plot_percentiles
 
 from . import batch_semantics_report, population_report, smoothness_report, story
+from .words import pct
 
 __all__ = ["findings", "summary_table", "write_figures", "write_html", "write_json"]
 
@@ -234,10 +235,6 @@ def _span(r: Any) -> str:
     return "-" if r is None else f"[{r[0]:.2f}, {r[1]:.2f}]"
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{v:.1%}"
-
-
 def _lr(lr: float, tried: list[float]) -> str:
     """A learning rate, saying so where it is an end of the grid tried (the window may go on)."""
     if len(tried) > 1 and lr == min(tried):
@@ -300,8 +297,8 @@ def findings(results: dict[str, Any]) -> list[str]:
                 "every test image")  # fmt: skip
             out.append(
                 f"{_title(part)} with BN, predicting one image at a time ({which}): "
-                + f"{_pct(b['single_image_acc_batch_stats'])} with batch statistics, "
-                + f"{_pct(b['single_image_acc_population'])} with population statistics; "
+                + f"{pct(b['single_image_acc_batch_stats'])} with batch statistics, "
+                + f"{pct(b['single_image_acc_population'])} with population statistics; "
                 + f"folded multiply-add gives {'the same' if b['folded_same_predictions'] else 'DIFFERENT'} "
                 + "predictions as the eval-mode layer."
             )
@@ -328,7 +325,7 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 
 def _final(arm: dict[str, Any]) -> str:
-    return f"diverged at step {arm['diverged_at']}" if arm["diverged_at"] is not None else _pct(arm["final_test_acc"])
+    return f"diverged at step {arm['diverged_at']}" if arm["diverged_at"] is not None else pct(arm["final_test_acc"])
 
 
 def _tracked(part: str) -> str:
@@ -353,8 +350,8 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append((f"{part.upper()} steps to {target:.0%}", reached(p), reached(b)))
         rows.append((f"{part.upper()} final test acc", _final(p), _final(b)))
         if "single_image_acc_batch_stats" in b:
-            rows.append((f"{part.upper()} 1-image, batch stats", "", _pct(b["single_image_acc_batch_stats"])))
-            rows.append((f"{part.upper()} 1-image, population", "", _pct(b["single_image_acc_population"])))
+            rows.append((f"{part.upper()} 1-image, batch stats", "", pct(b["single_image_acc_batch_stats"])))
+            rows.append((f"{part.upper()} 1-image, population", "", pct(b["single_image_acc_population"])))
     if "sweep" in s:
         rows.append(("LR range that trains", _lr_range(s["sweep"]["plain"]["trains_lr_range"]),
                      _lr_range(s["sweep"]["bn"]["trains_lr_range"])))  # fmt: skip

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .batch_semantics_report import format_text_tables, html_table
+from .words import num, pct
 
 __all__ = ["CAPTIONS", "findings", "html_sections", "noisy_bn_sentence", "noisy_verdict", "probe_bands", "seed_bands",
            "smoother_measures", "smoothness_sentence", "smoothness_verdict", "tables", "text_tables",
@@ -43,10 +44,6 @@ CAPTIONS = {
     "right, the batch mean of one unit of the last hidden layer's sigmoid input at the training steps (with noise: "
     "after the noise, what the sigmoid sees).",
 }
-
-
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{v:.1%}"
 
 
 def _steps(v: Any) -> str:
@@ -194,19 +191,15 @@ def noisy_bn_sentence(r: dict[str, Any]) -> str:
     arms, noise = r["arms"], r["noise"]
     target = r["target"]
     reach = ", ".join(f"{ARM_LABELS[a]} {_steps(arms[a]['steps_to_target'])}" for a in ("noisy", "bn", "plain"))
-    final = ", ".join(_pct(arms[a]["final_test_acc"]) for a in ("noisy", "bn", "plain"))
+    final = ", ".join(pct(arms[a]["final_test_acc"]) for a in ("noisy", "bn", "plain"))
     change = {a: arms[a]["instability"]["mean_step_change"] for a in arms}
-    moves = ", ".join(f"{_num(change[a])} {ARM_LABELS[a]}" for a in ("noisy", "bn", "plain"))
+    moves = ", ".join(f"{num(change[a])} {ARM_LABELS[a]}" for a in ("noisy", "bn", "plain"))
     return (
         f"Noisy BN (every BN output unit scaled by U({1 - noise['scale_spread']:g}, {1 + noise['scale_spread']:g}) "
         f"and shifted by N(0, {noise['shift_std']:g}²), drawn anew every step): steps to {target:.0%} test accuracy: "
         f"{reach} (final {final}); the batch mean of a {r['layer']} sigmoid input moves from step to step by {moves} "
         f"(RMS over units); {noisy_verdict(arms, change)}."
     )
-
-
-def _num(v: Any) -> str:
-    return "-" if v is None else f"{v:.3g}"
 
 
 def noisy_verdict(arms: dict[str, Any], change: dict[str, Any]) -> str:
@@ -238,7 +231,7 @@ def _smoothness_table(results: dict[str, Any]) -> tuple[str, list[str], list[lis
     s = results["summary"]["smoothness"]
     n = s["probes_compared"]
     header = ["measure", "median without BN", "median with BN", "BN smaller at (probes)"]
-    rows = [[MEASURE_LABELS[m], _num(s[m]["median_plain"]), _num(s[m]["median_bn"]), f"{s[m]['bn_smaller_at']}/{n}"]
+    rows = [[MEASURE_LABELS[m], num(s[m]["median_plain"]), num(s[m]["median_bn"]), f"{s[m]['bn_smaller_at']}/{n}"]
             for m in MEASURE_LABELS]  # fmt: skip
     return f"Smoothness along the gradient, {_over_seeds(n, s['seeds'])}", header, rows
 
@@ -250,8 +243,8 @@ def _noisy_bn_table(results: dict[str, Any]) -> tuple[str, list[str], list[list[
     header = ["arm", "steps to target", "final acc", "mean step change", "std step change", "mean spread"]
     rows = []
     for arm, a in r["arms"].items():
-        moves = [_num(a["instability"][k]) for k in ("mean_step_change", "std_step_change", "mean_spread")]
-        rows.append([ARM_LABELS[arm], _steps(a["steps_to_target"]), _pct(a["final_test_acc"]), *moves])
+        moves = [num(a["instability"][k]) for k in ("mean_step_change", "std_step_change", "mean_spread")]
+        rows.append([ARM_LABELS[arm], _steps(a["steps_to_target"]), pct(a["final_test_acc"]), *moves])
     return f"Noisy BN: training, and how the {r['layer']} sigmoid input moves", header, rows
 
 

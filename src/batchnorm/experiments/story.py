@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import smoothness_report
+from .words import pct
 
 __all__ = ["Chapter", "chapters", "gradient_ics_verdict", "html_section", "to_json"]
 
@@ -57,10 +58,6 @@ LOWER, SLIGHTLY_LOWER = "lower with BN in every layer", "slightly lower with BN 
 def _sentence(clauses: list[str]) -> str:
     text = "; ".join(clauses)
     return text[:1].upper() + text[1:] + "."
-
-
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{v:.1%}"
 
 
 def _reached(arm: dict[str, Any]) -> str:
@@ -224,8 +221,8 @@ def _inference(results: dict[str, Any]) -> Chapter | None:
     if "mlp" not in s or "single_image_acc_batch_stats" not in s["mlp"]["bn"]:
         return None
     b = s["mlp"]["bn"]
-    measured = [f"predicting one test image at a time, the MLP with BN scores {_pct(b['single_image_acc_population'])}"
-                f" with the population statistics and {_pct(b['single_image_acc_batch_stats'])} with the statistics "
+    measured = [f"predicting one test image at a time, the MLP with BN scores {pct(b['single_image_acc_population'])}"
+                f" with the population statistics and {pct(b['single_image_acc_batch_stats'])} with the statistics "
                 "of the one image; folded into one multiply-add per feature it predicts "
                 f"{'the same' if b['folded_same_predictions'] else 'differently'}"]  # fmt: skip
     good = b["single_image_acc_population"] > b["single_image_acc_batch_stats"] and b["folded_same_predictions"]
@@ -260,9 +257,9 @@ def _population_measures(r: dict[str, Any], pop: dict[str, Any]) -> list[str]:
     if abs(small["test_gap"]) > abs(large["test_gap"]):
         out.append(
             f"trained with normalization batches of {sizes[0]}, the network scores "
-            f"{_pct(small['test_batch_statistics'])} normalizing by batch statistics as in training and "
-            f"{_pct(small['test_population_statistics'])} in eval mode ({_pct(large['test_batch_statistics'])} and "
-            f"{_pct(large['test_population_statistics'])} at {sizes[-1]}): the two modes differ more the smaller the "
+            f"{pct(small['test_batch_statistics'])} normalizing by batch statistics as in training and "
+            f"{pct(small['test_population_statistics'])} in eval mode ({pct(large['test_batch_statistics'])} and "
+            f"{pct(large['test_population_statistics'])} at {sizes[-1]}): the two modes differ more the smaller the "
             "batch"
         )
     else:
