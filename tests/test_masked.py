@@ -190,3 +190,80 @@ def test_symbolic_trace_keeps_the_mask():
     x, mask = torch.randn(2, 3, 5), torch.rand(2, 5) < 0.7
     mask[0, :2] = True
     torch.testing.assert_close(traced(x, mask), net(x, mask), rtol=1e-6, atol=1e-6)
+
+
+class _MaskedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = batchnorm.BatchNorm1d(3, activation="relu")
+
+    def forward(self, x, mask, residual):
+        return self.bn(x, residual, mask=mask)
+
+
+def _state(module: nn.Module) -> dict:
+    """Every parameter and buffer, non-persistent ones included."""
+    return {name: t.detach().clone() for name, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def _restore(module: nn.Module, state: dict) -> None:
+    """Put ``state`` back into a recorded module (whose names may carry a wrapper's prefix)."""
+    with torch.no_grad():
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            t.copy_(state[name.removeprefix("_orig_mod.")])
+
+
+def _recorded(tool: str, net: nn.Module, args: tuple) -> nn.Module:
+    """``net`` as ``tool`` records it from ``args`` (one mask); the recording may run it once."""
+    if tool == "trace":
+        return torch.jit.trace(net, args, check_trace=False)
+    if tool == "export":
+        return torch.export.export(net, args).module()
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    compiled(*args)
+    return compiled
+
+
+@pytest.mark.parametrize("tool", ["trace", "export", "compile"])
+def test_a_recorded_masked_layer_counts_the_mask_of_each_call(tool):
+    """Recorded with one mask, run with another: outputs, input gradients and running statistics are
+    those of the eager layer on the new mask (the valid count is read from each call's mask)."""
+    gen = torch.Generator().manual_seed(11)
+    net = _MaskedNet()
+    state = _state(net)
+    x, residual = torch.randn(4, 3, 6, generator=gen), torch.randn(4, 3, 6, generator=gen)
+    full = torch.ones(4, 6, dtype=torch.bool)
+    recorded = _recorded(tool, net, (x, full, residual))
+    _restore(recorded, state)
+    eager = _MaskedNet()
+    _restore(eager, state)
+    mask = torch.arange(6) < torch.tensor([6, 4, 2, 5])[:, None]
+    xt, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yt, ye = recorded(xt, mask, residual), eager(xe, mask, residual)
+    assert_close(yt, ye, 1e-6, 1e-6, "output")
+    dy = torch.randn(ye.shape, generator=gen)
+    assert_close(torch.autograd.grad(yt, xt, dy)[0], torch.autograd.grad(ye, xe, dy)[0], 1e-5, 1e-6, "dx")
+    buffers = {name.removeprefix("_orig_mod."): t for name, t in recorded.named_buffers()}
+    for name, value in eager.named_buffers():
+        assert_close(buffers[name], value, 1e-6, 1e-7, name)
+
+
+@pytest.mark.parametrize("tool", ["trace", "export", "compile"])
+def test_a_recorded_masked_layer_never_learns_from_a_mask_with_one_valid_value(tool):
+    """Compiled or exported, the layer raises as in eager; a trace cannot keep the check, so there the output is
+    NaN and the running statistics are left as they were (counted as a non-finite batch)."""
+    net = _MaskedNet()
+    x, full = torch.randn(2, 3, 5), torch.ones(2, 5, dtype=torch.bool)
+    recorded = _recorded(tool, net, (x, full, torch.zeros_like(x)))
+    _restore(recorded, _state(_MaskedNet()))
+    lonely = torch.zeros(2, 5, dtype=torch.bool)
+    lonely[1, 3] = True
+    if tool == "trace":
+        y = recorded(x, lonely, torch.zeros_like(x))
+        assert torch.isnan(y[1, :, 3]).all() and (y[0] == 0).all()
+        buffers = {name.removeprefix("_orig_mod."): t for name, t in recorded.named_buffers()}
+        assert (buffers["bn.running_mean"] == 0).all() and (buffers["bn.running_var"] == 1).all()
+        assert int(buffers["bn.num_nonfinite_batches"]) == 1
+        return
+    with pytest.raises(RuntimeError, match="more than 1 valid value per channel"):
+        recorded(x, lonely, torch.zeros_like(x))

@@ -23,9 +23,11 @@ from ._checks import ShapeError
 from ._layout import as_ncl, output_memory_format, per_channel, prepare, reduce_dims, restore
 from .activations import IDENTITY
 from .numerics import affine_from_stats, invstd_of, stats_dtype
-from .running import update_running_stats
+from .running import update_on_device, update_running_stats
 
 Tensor = torch.Tensor
+
+TOO_FEW_VALID = "Expected more than 1 valid value per channel when training"
 
 
 def check_mask(x: Tensor, mask: Tensor) -> None:
@@ -71,17 +73,25 @@ def batch_norm(
     if not training:
         mean, invstd = running_mean, invstd_of(running_var.to(stats_dtype(running_var.dtype)), eps)
         y = _torch_ops.affine(x, *affine_from_stats(mean.to(invstd.dtype), invstd, weight, bias))
+    elif _route.tool_needs_torch_ops() or torch.compiler.is_compiling():
+        # a tool records ops and cannot read the data: the valid count stays a tensor, so a traced, exported or
+        # compiled layer counts the mask of each call, not the one it was recorded with
+        count = mask.sum()
+        # raises where the tool keeps the check (compile, export); a trace drops it, and one valid value gives NaN
+        # statistics there, which the running update skips (skip_nonfinite)
+        torch._assert_async(count > 1, TOO_FEW_VALID)
+        y, mean, var = _normalized_in_torch_ops(x, valid, count, weight, bias, eps)
+        if running_mean is not None or running_var is not None:
+            update_on_device(running_mean, running_var, mean.detach(), var.detach(), count, momentum,
+                             num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip
     else:
         count = int(mask.sum())
         if count <= 1:
-            raise ValueError(f"Expected more than 1 valid value per channel when training, got {count} (mask)")
-        if _route.tool_needs_torch_ops() or torch.compiler.is_compiling():
-            y, mean, var = _normalized_in_torch_ops(x, valid, count, weight, bias, eps)
-        else:
-            fused = act if residual is None else IDENTITY  # the activation the kernels apply (0 where padded)
-            function = _MaskedFunction.apply if _ops.needs_autograd(x, weight, bias) else _forward_impl
-            y, mean, var, _ = function(x, mask.reshape(x.shape[0], -1), count, weight, bias, eps, fused)
-            after = None if residual is None else act
+            raise ValueError(f"{TOO_FEW_VALID}, got {count} (mask)")
+        fused = act if residual is None else IDENTITY  # the activation the kernels apply (0 where padded)
+        function = _MaskedFunction.apply if _ops.needs_autograd(x, weight, bias) else _forward_impl
+        y, mean, var, _ = function(x, mask.reshape(x.shape[0], -1), count, weight, bias, eps, fused)
+        after = None if residual is None else act
         if running_mean is not None or running_var is not None:
             update_running_stats(running_mean, running_var, mean.detach(), var.detach(), count, momentum,
                                  num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip
@@ -142,6 +152,8 @@ def _normalized_in_torch_ops(x, valid, count, weight, bias, eps):
     xs = torch.where(valid, x.to(sdtype), 0.0)  # padded values (even NaN) reach nothing
     dims = reduce_dims(x)
     mean = xs.sum(dims) / count
+    if isinstance(count, Tensor):  # counted under a tool that cannot raise (torch.jit.trace): NaN, never a result
+        mean = torch.where(count > 1, mean, torch.nan)
     centered = torch.where(valid, xs - per_channel(mean, x), 0.0)
     var = (centered * centered).sum(dims) / count
     scale = invstd_of(var, eps)

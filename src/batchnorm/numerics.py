@@ -57,9 +57,14 @@ def invstd_of(var: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(var + eps)
 
 
-def unbiased(var: Tensor, count: int) -> Tensor:
+def unbiased(var: Tensor, count: int | Tensor) -> Tensor:
     """The unbiased variance ``var * n / (n - 1)`` from the biased one over ``count`` values
-    (what the running estimate takes, as in torch); ``var`` itself for a single value."""
+    (what the running estimate takes, as in torch); ``var`` itself for a single value. A 0-d
+    tensor ``count`` (a count only the data knows, under a tool that records ops) stays on the
+    device."""
+    if isinstance(count, Tensor):
+        n = count.to(var.dtype)
+        return var * torch.where(n > 1, n / (n - 1).clamp(min=1), 1.0)
     return var * (count / (count - 1)) if count > 1 else var
 
 
