@@ -149,3 +149,32 @@ def test_a_trace_of_ghost_batches_is_torchs_layer_on_each_ghost():
     y = torch.randn(6, 3, 4, 4, generator=gen)
     expected = torch.cat([nn.functional.batch_norm(g, None, None, layer.weight, layer.bias, True) for g in y.split(2)])
     torch.testing.assert_close(traced(y), expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_compiled_ghost_layer_is_torchs_layer_on_each_ghost(channels_last):
+    """torch.compile(fullgraph=True) of a ghost layer: outputs and every gradient those of torch's layer per
+    ghost (shared γ/β), the running statistics those of the eager layer."""
+    gen = torch.Generator().manual_seed(5)
+    layer = batchnorm.BatchNorm2d(4, virtual_batch_size=3)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5, generator=gen)
+        layer.bias.uniform_(-0.5, 0.5, generator=gen)
+    eager, theirs = copy.deepcopy(layer), nn.BatchNorm2d(4)
+    theirs.load_state_dict(layer.state_dict())
+    x = torch.randn(8, 4, 5, 3, generator=gen)  # ghosts of 3, 3 and 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xc, xt, xe = (x.clone().requires_grad_() for _ in range(3))
+    y = torch.compile(layer, fullgraph=True)(xc)
+    eager(xe)
+    expected = torch.cat([nn.functional.batch_norm(g, None, None, theirs.weight, theirs.bias, True)
+                          for g in xt.split(3)])  # fmt: skip
+    assert_close(y, expected, 1e-5, 1e-6, "output")
+    dy = torch.randn(x.shape, generator=gen)
+    grads = torch.autograd.grad(y, (xc, layer.weight, layer.bias), dy)
+    expected_grads = torch.autograd.grad(expected, (xt, theirs.weight, theirs.bias), dy)
+    for name, got, want in zip(("dx", "dweight", "dbias"), grads, expected_grads, strict=True):
+        assert_close(got, want, 1e-4, 1e-5, name)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert_close(getattr(layer, name), getattr(eager, name), 1e-6, 1e-7, name)
