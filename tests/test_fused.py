@@ -200,6 +200,42 @@ def test_memory_efficient_refuses_what_it_cannot_invert():
     layer(torch.randn(2, 3, 2, 2))  # eval keeps nothing for the backward: no condition
 
 
+@pytest.mark.parametrize("tool", ["compile", "export"])
+def test_memory_efficient_layer_compiled_or_exported_is_the_eager_layer(tool):
+    """torch.compile(fullgraph=True) runs the memory-saving path inside the graph, export runs torch's ops;
+    both give the eager layer's outputs, gradients and running statistics."""
+    gen = torch.Generator().manual_seed(21)
+    eager = batchnorm.BatchNorm2d(4, activation="leaky_relu", memory_efficient=True)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5, generator=gen)
+        eager.bias.uniform_(-0.5, 0.5, generator=gen)
+    layer = batchnorm.BatchNorm2d(4, activation="leaky_relu", memory_efficient=True)
+    layer.load_state_dict(eager.state_dict())
+    x = torch.randn(5, 4, 3, 3, generator=gen)
+    recorded = torch.compile(layer, fullgraph=True) if tool == "compile" else torch.export.export(layer, (x,)).module()
+    for _ in range(2):  # the second call: running statistics already moved
+        x = torch.randn(5, 4, 3, 3, generator=gen)
+        xr, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yr, ye = recorded(xr), eager(xe)
+        assert_close(yr, ye, 1e-5, 1e-6, "output")
+        dy = torch.randn(x.shape, generator=gen)
+        (dxr,) = torch.autograd.grad(yr, xr, dy)
+        (dxe,) = torch.autograd.grad(ye, xe, dy)
+        assert_close(dxr, dxe, 1e-4, 1e-5, "dx")
+    buffers = dict(recorded.named_buffers())
+    for name, value in eager.named_buffers():
+        key = name if name in buffers else f"_orig_mod.{name}"
+        assert_close(buffers[key], value, 1e-6, 1e-7, name)
+
+
+def test_memory_efficient_layer_compiled_refuses_a_zero_weight():
+    layer = batchnorm.BatchNorm2d(3, activation="leaky_relu", memory_efficient=True)
+    with torch.no_grad():
+        layer.weight[1] = 0
+    with pytest.raises(RuntimeError, match=r"every weight \(gamma\) must be non-zero"):
+        torch.compile(layer, fullgraph=True)(torch.randn(2, 3, 2, 2))
+
+
 def test_memory_efficient_double_backward_is_refused():
     layer = batchnorm.BatchNorm1d(3, memory_efficient=True, dtype=torch.float64)
     x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)

@@ -4,7 +4,8 @@ For an invertible activation the backward recovers everything from ``y``:
 ``z = act^-1(y)``, ``act'(z)`` from ``y``, and ``xhat = (z - beta) / gamma``
 (In-Place Activated BatchNorm, Rota Bulo et al. 2018, with standard weights).
 The input is not saved, so it can be freed, or overwritten by the output
-(``inplace=True``). Eager mode only; it needs every ``gamma`` to be non-zero.
+(``inplace=True``). It needs every ``gamma`` to be non-zero; tracers and export run torch's
+ops instead (``_route``), which keep the input.
 The backward's ``dx`` is ``numerics.grad_input_coefficients`` applied to the
 recovered ``x - mean = (z - beta) / (gamma * invstd)``.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _ops, activations
+from . import _ops, _route, activations
 from ._layout import per_channel, reduce_dims
 from .activations import Activation
 from .numerics import affine_from_stats, grad_input_coefficients, stats_dtype
@@ -35,13 +36,17 @@ def check(act: Activation, weight: Tensor | None, residual: Tensor | None, why: 
             "would need the residual too; add it outside the layer"
         )
     # read on the host only for CPU weights: on an accelerator it would stop the device every step
-    # (there a zero weight makes its channel's gradients NaN, visibly, rather than wrong)
-    if weight is not None and weight.device.type == "cpu" and bool((weight == 0).any()):
+    # (there a zero weight makes its channel's gradients NaN, visibly, rather than wrong); a tool that
+    # records ops runs torch's, which keep the input (nothing is recomputed); under torch.compile the
+    # check is an op of the graph
+    if weight is None or weight.device.type != "cpu" or _route.tool_needs_torch_ops():
+        return
+    message = f"{why} recomputes the normalized input as (z - bias) / weight, so every weight (gamma) must be non-zero"
+    if torch.compiler.is_compiling():
+        torch._assert_async((weight != 0).all(), message)
+    elif bool((weight == 0).any()):
         zero = torch.nonzero(weight == 0).flatten().tolist()[:8]
-        raise ValueError(
-            f"{why} recomputes the normalized input as (z - bias) / weight, so every weight "
-            f"(gamma) must be non-zero; channels {zero} have weight 0"
-        )
+        raise ValueError(f"{message}; channels {zero} have weight 0")
 
 
 class MemoryEfficientBatchNorm(torch.autograd.Function):
