@@ -74,6 +74,13 @@ def batch_norm(
             if momentum is None:  # cumulative average
                 factor = 1.0 / float(num_batches_tracked)
         y = torch.batch_norm(input, weight, bias, running_mean, running_var, True, factor, eps, cudnn)
+    elif torch.jit.is_tracing():
+        # a traced native_batch_norm followed by SiLU breaks TorchScript's autodiff from the graph's third run
+        # ("Schema not found for node"): there, torch's batch_norm for the output and the statistics beside it
+        y = torch.batch_norm(input, weight, bias, None, None, True, 0.0, eps, cudnn)
+        mean, var = _batch_statistics(input)
+        update_on_device(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum,
+                         num_batches_tracked, skip_nonfinite, nonfinite_count)  # fmt: skip
     else:
         y, mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
         count = input.numel() // input.shape[1]
@@ -85,6 +92,17 @@ def batch_norm(
             _update_eager(running_mean, running_var, mean, invstd, eps, count, momentum, num_batches_tracked,
                           skip_nonfinite, nonfinite_count)  # fmt: skip
     return activate(y, residual, act_name, act_param, True)
+
+
+def _batch_statistics(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Per channel, the mean and biased variance of ``input`` (without gradient), in at least float32 as
+    torch's kernel takes them."""
+    x = input.detach()
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        x = x.float()
+    dims = [0] + list(range(2, x.dim()))  # noqa: RUF005 (TorchScript compiles this: no star unpacking)
+    var, mean = torch.var_mean(x, dims, correction=0)
+    return mean, var
 
 
 @torch.jit.unused
