@@ -53,12 +53,12 @@ def check_input(
                 f"({name} should contain {channels} elements not {t.numel()})"
             )
     if training:
-        if eps <= 0 or math.isnan(eps):
+        if not eps > 0:  # also NaN; a comparison, which torch.compile(dynamic=True) traces on a symbolic eps
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
         if math.prod(x.shape) == channels and channels > 0:  # one value per channel
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     else:
-        if eps < 0 or math.isnan(eps):
+        if not eps >= 0:  # also NaN
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var must be given in evaluation mode (training=False)")

@@ -217,6 +217,25 @@ def compile_fullgraph(model, xs, training):
     return eager(compiled, xs, training)
 
 
+def _smaller_batch_first(model, xs) -> None:
+    with torch.no_grad():
+        model(*[x.detach()[: max(2, len(x) // 2)] for x in xs])
+
+
+def compile_dynamic(model, xs, training):
+    """Compiled for any batch size: a smaller batch first, then the inputs."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="aot_eager")
+    _smaller_batch_first(compiled, xs)
+    return eager(compiled, xs, training)
+
+
+def smaller_batch_then_eager(model, xs, training):
+    """What ``compile_dynamic`` runs, eagerly (torch's layer, the reference)."""
+    _smaller_batch_first(model, xs)
+    return eager(model, xs, training)
+
+
 def swa_update_bn(model, xs, training):
     batches = [xs[0], xs[0] * 0.5 + 1.0]
     torch.optim.swa_utils.update_bn(batches, model)
@@ -354,6 +373,11 @@ PATHS: dict[str, Path] = {
     "compile": Path(
         compile_fullgraph, "`torch.compile(fullgraph=True)`", "one custom op per layer, no graph break",
         backends=("auto",), skip_kinds=("bn1d-ncl", "bn3d", "bn2d-nhwc", "sync", "frozen"), reference=eager,
+    ),
+    "compile_dynamic": Path(
+        compile_dynamic, "`torch.compile(dynamic=True, fullgraph=True)`", "any batch size, no graph break",
+        backends=("auto",), skip_kinds=("bn1d-ncl", "bn3d", "bn2d-nhwc", "sync", "frozen"),
+        reference=smaller_batch_then_eager,
     ),
     "swa_update_bn": Path(
         swa_update_bn, "`torch.optim.swa_utils.update_bn`", KERNELS, modes=("train",), single_input=True,

@@ -35,7 +35,7 @@ def _cells():
                 for mode in ("eval",) if kind.frozen else path.modes:
                     for backend in path.backends:
                         cell = f"{path_name}-{kind.name}-{size}-{mode}-{backend}"
-                        marks = [pytest.mark.slow] if path_name == "compile" else []
+                        marks = [pytest.mark.slow] if path_name.startswith("compile") else []
                         yield pytest.param(path_name, kind, size, mode, backend, id=cell, marks=marks)
 
 
