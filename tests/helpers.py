@@ -25,6 +25,15 @@ def assert_close(actual, expected, atol: float, rtol: float, what: str = "") -> 
         )
 
 
+def assert_same_gradients(y, wrt, y_ref, wrt_ref, dy, atol: float, rtol: float) -> None:
+    """The gradients of ``y`` w.r.t. ``wrt`` (input, weight, bias) under cotangent ``dy`` equal those of
+    ``y_ref`` w.r.t. ``wrt_ref``."""
+    got = torch.autograd.grad(y, wrt, dy)
+    want = torch.autograd.grad(y_ref, wrt_ref, dy)
+    for name, g, w in zip(("dx", "dweight", "dbias"), got, want, strict=True):
+        assert_close(g, w, atol, rtol, name)
+
+
 def backends_fixture():
     """An autouse fixture running a test module once per backend choice: automatic
     (torch's own kernels for small CPU inputs), and the ``torch`` and ``numba`` backends forced."""

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import batchnorm
-from tests.helpers import assert_close, spy_on
+from tests.helpers import assert_close, assert_same_gradients, spy_on
 
 CASES = [((10, 3), 4, False), ((7, 3, 5), 3, False), ((6, 3, 4, 4), 2, True), ((9, 3, 2, 3), 4, False)]
 # None: the automatic choice (torch's kernel per ghost at these sizes); forced: the backend's ghost stages
@@ -172,9 +172,7 @@ def test_a_compiled_ghost_layer_is_torchs_layer_on_each_ghost(channels_last):
                           for g in xt.split(3)])  # fmt: skip
     assert_close(y, expected, 1e-5, 1e-6, "output")
     dy = torch.randn(x.shape, generator=gen)
-    grads = torch.autograd.grad(y, (xc, layer.weight, layer.bias), dy)
-    expected_grads = torch.autograd.grad(expected, (xt, theirs.weight, theirs.bias), dy)
-    for name, got, want in zip(("dx", "dweight", "dbias"), grads, expected_grads, strict=True):
-        assert_close(got, want, 1e-4, 1e-5, name)
+    assert_same_gradients(y, (xc, layer.weight, layer.bias), expected, (xt, theirs.weight, theirs.bias), dy,
+                          1e-4, 1e-5)  # fmt: skip
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert_close(getattr(layer, name), getattr(eager, name), 1e-6, 1e-7, name)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from batchnorm import _torch_ops
-from tests.helpers import assert_close
+from tests.helpers import assert_close, assert_same_gradients
 
 
 def _buffers(channels=3):
@@ -93,9 +93,7 @@ def test_a_traced_layer_trains_step_after_step_like_the_eager_one(activation):
         yt, ye = traced(xt), eager(xe)
         assert_close(yt, ye, 1e-5, 1e-6, "output")
         dy = torch.randn(ye.shape, generator=gen)
-        got = torch.autograd.grad(yt, (xt, traced.weight, traced.bias), dy)
-        want = torch.autograd.grad(ye, (xe, eager.weight, eager.bias), dy)
-        for name, g, w in zip(("dx", "dweight", "dbias"), got, want, strict=True):
-            assert_close(g, w, 1e-4, 1e-5, name)
+        assert_same_gradients(yt, (xt, traced.weight, traced.bias), ye, (xe, eager.weight, eager.bias), dy,
+                              1e-4, 1e-5)  # fmt: skip
     for (name, t), (_, want) in zip(traced.named_buffers(), eager.named_buffers(), strict=True):
         assert_close(t, want, 1e-6, 1e-7, name)
