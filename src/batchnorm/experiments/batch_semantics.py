@@ -40,6 +40,7 @@ from torch import nn
 import batchnorm
 
 from .datasets import Dataset
+from .measure import PRECISE_CHUNK, with_precise_statistics
 from .models import cnn, mlp
 from .training import accuracy, train
 
@@ -65,7 +66,6 @@ SHIFT_DESCRIPTIONS = {
     "contrast": "contrast lowered to 30% around mid-gray",
     "translate": "moved one pixel right and down",
 }
-PRECISE_CHUNK = 256  # training images per batch of the exact statistics pass
 
 
 # --- small batches ----------------------------------------------------------------
@@ -111,9 +111,7 @@ def _train_mlp(method: str, batch_size: int, seed: int, data: Dataset, tensors: 
 
 def _precise_accuracy(model: nn.Module, x_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor) -> float:
     """Test accuracy after the running statistics are recomputed exactly over the training set (on a copy)."""
-    model = copy.deepcopy(model).eval()
-    batchnorm.precise_statistics(model, [x_train[i : i + PRECISE_CHUNK] for i in range(0, len(x_train), PRECISE_CHUNK)])
-    return accuracy(model, x_test, y_test)
+    return accuracy(with_precise_statistics(model, x_train), x_test, y_test)
 
 
 def run_small_batches(data: Dataset, cfg: Any, progress: Callable[[int], None] | None = None) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 ``batch_stats_predictions`` predicts with every BN layer normalizing by the
 statistics of the batch at hand (what training mode computes), which for one
 image at a time is what a network would do if it kept using batch statistics
-at inference. ``fold_batchnorm`` replaces every BN layer by its eval-mode
+at inference. ``with_precise_statistics`` recomputes the running statistics over data, on a copy.
+``fold_batchnorm`` replaces every BN layer by its eval-mode
 multiply-add ``y = x * scale + shift`` (``batchnorm.freeze``).
 """
 
@@ -15,8 +16,11 @@ import torch
 from torch import nn
 
 from batchnorm.fold import freeze
+from batchnorm.population import precise_statistics
 
-__all__ = ["batch_stats_predictions", "fold_batchnorm", "predictions"]
+__all__ = ["PRECISE_CHUNK", "batch_stats_predictions", "fold_batchnorm", "predictions", "with_precise_statistics"]
+
+PRECISE_CHUNK = 256  # training images per batch of an exact statistics pass
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -25,6 +29,14 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode whose BN layers are each one multiply-add
     (:func:`batchnorm.freeze`); they must track running statistics."""
     return freeze(copy.deepcopy(model).eval())
+
+
+def with_precise_statistics(model: nn.Module, x: torch.Tensor, chunk: int = PRECISE_CHUNK) -> nn.Module:
+    """A copy of ``model`` in eval mode whose running statistics are recomputed exactly over ``x``
+    (``batchnorm.precise_statistics``), ``chunk`` images per batch."""
+    copied = copy.deepcopy(model).eval()
+    precise_statistics(copied, [x[i : i + chunk] for i in range(0, len(x), chunk)])
+    return copied
 
 
 @torch.no_grad()

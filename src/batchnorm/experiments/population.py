@@ -41,6 +41,7 @@ from batchnorm.ics import mode_gap, statistics_error
 from batchnorm.population import batch_norm_layers
 
 from .datasets import Dataset
+from .measure import PRECISE_CHUNK, with_precise_statistics
 from .models import mlp
 from .training import accuracy, train
 
@@ -51,8 +52,6 @@ __all__ = [
     "run_population",
     "summarize_population",
 ]
-
-PRECISE_CHUNK = 256  # about this many training images per batch of the population pass before the gap
 
 
 class MovingAverages:
@@ -127,12 +126,6 @@ def _score(model: nn.Module, x_train: torch.Tensor, x_test: torch.Tensor, y_test
     }
 
 
-def _precise_from(model: nn.Module, x: torch.Tensor, batch_size: int) -> nn.Module:
-    estimate = copy.deepcopy(model).eval()
-    batchnorm.precise_statistics(estimate, [x[i : i + batch_size] for i in range(0, len(x), batch_size)])
-    return estimate
-
-
 def _estimates(model: nn.Module, averages: MovingAverages, tensors: tuple[torch.Tensor, ...], cfg: Any,
                seed: int) -> dict[str, Any]:  # fmt: skip
     """Every estimate of one trained network, scored."""
@@ -145,17 +138,16 @@ def _estimates(model: nn.Module, averages: MovingAverages, tensors: tuple[torch.
         draws = []
         for _ in range(cfg.population_draws):
             subset = x_train[torch.randperm(len(x_train), generator=generator)[:n]]
-            draws.append(_score(_precise_from(model, subset, b), x_train, x_test, y_test))
+            draws.append(_score(with_precise_statistics(model, subset, b), x_train, x_test, y_test))
         precise[str(n)] = draws
-    whole = _score(_precise_from(model, x_train, b), x_train, x_test, y_test)
+    whole = _score(with_precise_statistics(model, x_train, b), x_train, x_test, y_test)
     moving = []
     for k, m in enumerate(cfg.population_momenta):
         estimate = copy.deepcopy(model)
         averages.load(estimate, k)
         moving.append({"momentum": m, "effective_samples": effective_samples(m, b),
                        **_score(estimate, x_train, x_test, y_test)})  # fmt: skip
-    truth = copy.deepcopy(model).eval()
-    batchnorm.precise_statistics(truth, [x_train])
+    truth = with_precise_statistics(model, x_train, len(x_train))  # the whole set in one batch
     return {
         "precise": precise,
         "precise_whole_set": whole,
@@ -174,7 +166,7 @@ def _gap(model: nn.Module, v: int, tensors: tuple[torch.Tensor, ...], seed: int)
     for a set smaller than ``v``)."""
     x_train, y_train, x_test, y_test = tensors
     # whole ghosts only: chunks and the set cut to multiples of v, so no ghost has a single sample
-    population = _precise_from(model, x_train[: len(x_train) // v * v], v * -(-PRECISE_CHUNK // v))
+    population = with_precise_statistics(model, x_train[: len(x_train) // v * v], v * -(-PRECISE_CHUNK // v))
     out: dict[str, Any] = {"eval_acc_as_trained": accuracy(model, x_test, y_test)}
     generator = torch.Generator().manual_seed(seed + 4)
     for split, x, y in (("test", x_test, y_test), ("train", x_train, y_train)):

@@ -17,9 +17,23 @@ import numpy as np
 from .batch_semantics_report import format_text_tables, html_table
 from .words import num, pct
 
-__all__ = ["CAPTIONS", "findings", "html_sections", "noisy_bn_sentence", "noisy_verdict", "probe_bands", "seed_bands",
-           "smoother_measures", "smoothness_sentence", "smoothness_verdict", "tables", "text_tables",
-           "write_figures"]  # fmt: skip
+__all__ = [
+    "CAPTIONS",
+    "NOISY_OUTCOMES",
+    "findings",
+    "html_sections",
+    "noisy_bn_sentence",
+    "noisy_outcome",
+    "noisy_verdict",
+    "probe_bands",
+    "seed_bands",
+    "smoother_measures",
+    "smoothness_sentence",
+    "smoothness_verdict",
+    "tables",
+    "text_tables",
+    "write_figures",
+]  # fmt: skip
 
 ARM_LABELS = {"plain": "without BN", "bn": "with BN", "noisy": "noisy BN"}
 ARM_COLORS = {"plain": "tab:red", "bn": "tab:blue", "noisy": "tab:green"}
@@ -202,22 +216,32 @@ def noisy_bn_sentence(r: dict[str, Any]) -> str:
     )
 
 
-def noisy_verdict(arms: dict[str, Any], change: dict[str, Any]) -> str:
+NOISY_OUTCOMES = {
+    "never": "the noisy network never reached the target: here the noise undoes BN's fast training",
+    "not_faster": "the noisy network trains no faster than the one without BN: here the noise undoes BN's speed-up",
+    "untested": "it trains faster than without BN, but its layer inputs do not move more than the other networks', "
+    "so this run does not test training despite unstable distributions",
+    "fast_despite_shift": "so training is still faster than without BN although the noisy network's layer inputs move "
+    "more from step to step than either other network's",
+}
+
+
+def noisy_outcome(arms: dict[str, Any], change: dict[str, Any]) -> str:
+    """What the noisy-BN run showed, one of :data:`NOISY_OUTCOMES`' keys: the noisy network never reached the
+    target, reached it no faster than the one without BN, was faster without moving more than the others, or was
+    faster although its inputs moved more (the claim)."""
     noisy, plain = arms["noisy"]["steps_to_target"], arms["plain"]["steps_to_target"]
     if noisy is None:
-        return "the noisy network never reached the target: here the noise undoes BN's fast training"
-    faster = plain is None or noisy < plain
-    if not faster:
-        return "the noisy network trains no faster than the one without BN: here the noise undoes BN's speed-up"
+        return "never"
+    if not (plain is None or noisy < plain):
+        return "not_faster"
     if None in change.values() or change["noisy"] <= max(change["plain"], change["bn"]):
-        return (
-            "it trains faster than without BN, but its layer inputs do not move more than the other networks', so "
-            "this run does not test training despite unstable distributions"
-        )
-    return (
-        "so training is still faster than without BN although the noisy network's layer inputs move more from step "
-        "to step than either other network's"
-    )
+        return "untested"
+    return "fast_despite_shift"
+
+
+def noisy_verdict(arms: dict[str, Any], change: dict[str, Any]) -> str:
+    return NOISY_OUTCOMES[noisy_outcome(arms, change)]
 
 
 def tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:

@@ -171,8 +171,9 @@ def _noisy(results: dict[str, Any]) -> Chapter | None:
     r = results["noisy_bn"]
     arms = r["arms"]
     change = {a: arms[a]["instability"]["mean_step_change"] for a in arms}
-    found = smoothness_report.noisy_verdict(arms, change)
-    verdict = AGREES if found.startswith("so training is still faster") else DISAGREES if "undoes" in found else MIXED
+    outcome = smoothness_report.noisy_outcome(arms, change)
+    found = smoothness_report.NOISY_OUTCOMES[outcome]
+    verdict = {"fast_despite_shift": AGREES, "never": DISAGREES, "not_faster": DISAGREES}.get(outcome, MIXED)
     moves = ", ".join(f"{smoothness_report.ARM_LABELS[a]} {'-' if change[a] is None else f'{change[a]:.3g}'}"
                       for a in ("noisy", "bn", "plain"))  # fmt: skip
     return Chapter(
